@@ -1,0 +1,129 @@
+// CPU block-sparse attention (design.md §1 step 6): exact causal attention over the
+// selected key blocks, online softmax with fp32 accumulation, parallel over
+// (batch, query head, query block).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <tuple>
+#include <vector>
+
+#include "checks.h"
+#include "config.h"
+
+namespace flexprefill {
+
+namespace {
+
+// Selected key blocks are gathered and processed this many at a time, which bounds the
+// scratch memory of one query block at kChunkBlocks * block_size keys.
+constexpr int64_t kChunkBlocks = 16;
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> block_sparse_attention_cpu(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& kv_count,
+    const at::Tensor& kv_index, int64_t block_size, c10::optional<double> softmax_scale, bool validate) {
+  const char* op = "block_sparse_attention";
+  check_qkv(op, q, k, v, block_size);
+  check_selection_shapes(op, q, k, kv_count, kv_index, block_size);
+  const int64_t B = q.size(0), Nq = q.size(1), Hq = q.size(2), D = q.size(3);
+  const int64_t Nk = k.size(1), Hkv = k.size(2), bs = block_size;
+  const int64_t NBq = cdiv(Nq, bs), NBk = cdiv(Nk, bs), off = Nk - Nq, group = Hq / Hkv;
+  if (validate) check_selection_values_cpu(op, kv_count, kv_index, NBk);
+  const float scale = resolve_softmax_scale(softmax_scale, D);
+
+  // [B, Nq, Hq, D] fp32 accumulator output, cast to q's dtype at the end.
+  auto out = at::zeros({B, Nq, Hq, D}, q.options().dtype(at::kFloat));
+  auto lse = at::full({B, Hq, Nq}, -std::numeric_limits<float>::infinity(), q.options().dtype(at::kFloat));
+  if (B == 0 || Nq == 0 || Hq == 0) return {out.to(q.scalar_type()), lse};
+
+  const auto qf = q.to(at::kFloat);  // [B, Nq, Hq, D]
+  const auto kf = k.to(at::kFloat);  // [B, Nk, Hkv, D]
+  const auto vf = v.to(at::kFloat);
+  const auto cnt = kv_count.contiguous();
+  const auto idx = kv_index.contiguous();
+  const int32_t* cnt_p = cnt.data_ptr<int32_t>();
+  const int32_t* idx_p = idx.data_ptr<int32_t>();
+  const int64_t M = idx.size(3);
+  float* out_p = out.data_ptr<float>();
+  float* lse_p = lse.data_ptr<float>();
+  const auto fopt = at::TensorOptions().dtype(at::kFloat);
+
+  at::parallel_for(0, B * Hq * NBq, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> keys_buf, vals_buf;
+    std::vector<int64_t> key_pos;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t r = task % NBq, h = (task / NBq) % Hq, b = task / (NBq * Hq);
+      const int64_t hk = h / group;
+      const int64_t row0 = r * bs, nr = std::min(bs, Nq - row0);
+      const int32_t n = cnt_p[task];
+      const int32_t* blocks = idx_p + task * M;
+
+      const at::Tensor qb = qf[b].narrow(0, row0, nr).select(1, h);  // [nr, D]
+      const at::Tensor kh = kf[b].select(1, hk);                       // [Nk, D]
+      const at::Tensor vh = vf[b].select(1, hk);
+      std::vector<float> row_max(nr, -std::numeric_limits<float>::infinity()), row_sum(nr, 0.f);
+      at::Tensor acc = at::zeros({nr, D}, fopt);  // [nr, D]
+
+      for (int32_t first = 0; first < n; first += kChunkBlocks) {
+        const int32_t last = std::min<int32_t>(n, first + kChunkBlocks);
+        // Gather the keys/values of this chunk of blocks: [nk, D].
+        key_pos.clear();
+        for (int32_t t = first; t < last; ++t) {
+          const int64_t c = blocks[t];
+          for (int64_t j = c * bs; j < std::min(Nk, c * bs + bs); ++j) key_pos.push_back(j);
+        }
+        const int64_t nk = static_cast<int64_t>(key_pos.size());
+        if (nk == 0) continue;
+        auto pos_t = at::from_blob(key_pos.data(), {nk}, at::TensorOptions().dtype(at::kLong));
+        const at::Tensor kc = kh.index_select(0, pos_t);  // [nk, D]
+        const at::Tensor vc = vh.index_select(0, pos_t);  // [nk, D]
+        at::Tensor s = at::mm(qb, kc.t()).mul_(scale).contiguous();  // [nr, nk]
+        float* sp = s.data_ptr<float>();
+        float* ap = acc.data_ptr<float>();
+        for (int64_t i = 0; i < nr; ++i) {
+          const int64_t pos = off + row0 + i;  // absolute position of this query row
+          float* si = sp + i * nk;
+          float mx = row_max[i];
+          for (int64_t t = 0; t < nk; ++t) {
+            if (key_pos[t] > pos) si[t] = -std::numeric_limits<float>::infinity();
+            mx = std::max(mx, si[t]);
+          }
+          if (mx == -std::numeric_limits<float>::infinity()) {  // nothing visible yet
+            std::fill(si, si + nk, 0.f);
+            continue;
+          }
+          const float alpha = std::exp(row_max[i] - mx);  // rescale of the old partial sums
+          float sum = 0.f;
+          for (int64_t t = 0; t < nk; ++t) {
+            si[t] = std::exp(si[t] - mx);
+            sum += si[t];
+          }
+          row_sum[i] = row_sum[i] * alpha + sum;
+          row_max[i] = mx;
+          for (int64_t d = 0; d < D; ++d) ap[i * D + d] *= alpha;
+        }
+        acc.add_(at::mm(s, vc));
+      }
+
+      const float* ap = acc.data_ptr<float>();
+      for (int64_t i = 0; i < nr; ++i) {
+        float* o = out_p + ((b * Nq + row0 + i) * Hq + h) * D;
+        if (row_sum[i] > 0.f) {
+          const float inv = 1.f / row_sum[i];
+          for (int64_t d = 0; d < D; ++d) o[d] = ap[i * D + d] * inv;
+          lse_p[(b * Hq + h) * Nq + row0 + i] = row_max[i] + std::log(row_sum[i]);
+        }
+      }
+    }
+  });
+  return {out.to(q.scalar_type()), lse};
+}
+
+TORCH_LIBRARY_IMPL(flexprefill, CPU, m) { m.impl("block_sparse_attention", &block_sparse_attention_cpu); }
+
+}  // namespace flexprefill
