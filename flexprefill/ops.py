@@ -16,7 +16,13 @@ from typing import NamedTuple, Optional, Union
 
 import torch
 
-from . import _C  # noqa: F401  (loads the native library and registers the ops)
+try:
+    from . import _C  # noqa: F401  (loads the native library and registers the ops)
+except ImportError as e:  # pragma: no cover - exercised only on a broken install
+    raise ImportError(
+        "flexprefill's native library flexprefill._C is not built or does not load "
+        f"({e}). Build it with `pip install --no-build-isolation -e .` (see README.md)."
+    ) from e
 
 __all__ = [
     "Selection",

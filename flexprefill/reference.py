@@ -133,27 +133,27 @@ def select_head(
     jsd = 0.5 * (p_est * (p_est / mid).log()).sum() + 0.5 * (p_true * (p_true / mid).log()).sum()
     query_aware = math.sqrt(max(float(jsd), 0.0)) < tau
 
-    # Step 4: vertical-slash selection (paper Alg. 3). Budgets are tokens: the vertical
-    # budget counts key-block columns (ceil(tokens / bs)), the slash budget counts lines.
-    min_cols = min(cdiv(min_budget, bs), NBk)
-    max_cols = NBk if max_budget is None else min(cdiv(max_budget, bs), NBk)
-    min_lines = min(min_budget, Nk)
-    max_lines = Nk if max_budget is None else min(max_budget, Nk)
+    # Step 4: vertical-slash selection (paper Alg. 3), at block granularity so that γ
+    # is really covered and the budgets count blocks: the vertical score of key-block
+    # column c is â[c]; the slash score of distance bin t (distances [t*bs, t*bs+bs))
+    # is the slash mass of its lines. Keep the fewest columns, and separately the fewest
+    # bins, reaching γ; budgets are tokens, converted to ceil(tokens / bs) blocks.
+    slash_bins = torch.zeros(NBk).index_add_(0, keys // bs, slash)  # [NBk]
+    min_blocks = min(cdiv(min_budget, bs), NBk)
+    max_blocks = NBk if max_budget is None else min(cdiv(max_budget, bs), NBk)
+
+    def keep_fewest(scores: torch.Tensor, g: Optional[float]) -> torch.Tensor:
+        """[NBk] bool: the fewest items reaching g, within the budgets. g=None keeps only
+        the min-budget items (what query-aware heads add)."""
+        order, kg = _fewest_reaching(scores, 0.0 if g is None else g)
+        n = min_blocks if g is None else max(min_blocks, min(kg, max_blocks))
+        chosen = torch.zeros(NBk, dtype=torch.bool)
+        chosen[order[:n]] = True
+        return chosen
 
     def vertical_slash(g: Optional[float]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Selected key-block columns [NBk] bool and slash distances [Nk] bool.
-        g=None keeps only the min-budget lines (used by query-aware heads)."""
-        # Vertical: the fewest whole key-block columns whose vertical mass reaches γ.
-        order, kg = _fewest_reaching(true, g if g is not None else 0.0)
-        kg = 0 if g is None else kg
-        cols = torch.zeros(NBk, dtype=torch.bool)
-        cols[order[: max(min_cols, min(kg, max_cols))]] = True
-        # Slash: the fewest distances whose slash mass reaches γ.
-        order, kg = _fewest_reaching(slash, g if g is not None else 0.0)
-        kg = 0 if g is None else kg
-        lines = torch.zeros(Nk, dtype=torch.bool)
-        lines[order[: max(min_lines, min(kg, max_lines))]] = True
-        return cols, lines
+        """Selected key-block columns [NBk] bool and slash lines (distances) [Nk] bool."""
+        return keep_fewest(true, g), keep_fewest(slash_bins, g)[keys // bs]
 
     # Step 5: query-aware estimate for every query block, Â = softmax(s pool(Q) pool(K)ᵀ)
     # under the block-causal mask, row-wise, then flattened and normalised over the

@@ -52,26 +52,27 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_attention_cpu(
   float* out_p = out.data_ptr<float>();
   float* lse_p = lse.data_ptr<float>();
   const auto fopt = at::TensorOptions().dtype(at::kFloat);
+  const auto lopt = at::TensorOptions().dtype(at::kLong);
 
   at::parallel_for(0, B * Hq * NBq, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> keys_buf, vals_buf;
     std::vector<int64_t> key_pos;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t r = task % NBq, h = (task / NBq) % Hq, b = task / (NBq * Hq);
-      const int64_t hk = h / group;
       const int64_t row0 = r * bs, nr = std::min(bs, Nq - row0);
       const int32_t n = cnt_p[task];
       const int32_t* blocks = idx_p + task * M;
 
       const at::Tensor qb = qf[b].narrow(0, row0, nr).select(1, h);  // [nr, D]
-      const at::Tensor kh = kf[b].select(1, hk);                       // [Nk, D]
-      const at::Tensor vh = vf[b].select(1, hk);
-      std::vector<float> row_max(nr, -std::numeric_limits<float>::infinity()), row_sum(nr, 0.f);
-      at::Tensor acc = at::zeros({nr, D}, fopt);  // [nr, D]
+      const at::Tensor kh = kf[b].select(1, h / group);                // [Nk, D]
+      const at::Tensor vh = vf[b].select(1, h / group);
+      // Absolute positions of the rows; keys after them are masked (causal).
+      const at::Tensor row_pos = at::arange(off + row0, off + row0 + nr, lopt).unsqueeze(1);  // [nr, 1]
+      at::Tensor row_max = at::full({nr}, -std::numeric_limits<float>::infinity(), fopt);  // [nr]
+      at::Tensor row_sum = at::zeros({nr}, fopt);                                          // [nr]
+      at::Tensor acc = at::zeros({nr, D}, fopt);                                           // [nr, D]
 
       for (int32_t first = 0; first < n; first += kChunkBlocks) {
         const int32_t last = std::min<int32_t>(n, first + kChunkBlocks);
-        // Gather the keys/values of this chunk of blocks: [nk, D].
         key_pos.clear();
         for (int32_t t = first; t < last; ++t) {
           const int64_t c = blocks[t];
@@ -79,45 +80,28 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_attention_cpu(
         }
         const int64_t nk = static_cast<int64_t>(key_pos.size());
         if (nk == 0) continue;
-        auto pos_t = at::from_blob(key_pos.data(), {nk}, at::TensorOptions().dtype(at::kLong));
-        const at::Tensor kc = kh.index_select(0, pos_t);  // [nk, D]
-        const at::Tensor vc = vh.index_select(0, pos_t);  // [nk, D]
-        at::Tensor s = at::mm(qb, kc.t()).mul_(scale).contiguous();  // [nr, nk]
-        float* sp = s.data_ptr<float>();
-        float* ap = acc.data_ptr<float>();
-        for (int64_t i = 0; i < nr; ++i) {
-          const int64_t pos = off + row0 + i;  // absolute position of this query row
-          float* si = sp + i * nk;
-          float mx = row_max[i];
-          for (int64_t t = 0; t < nk; ++t) {
-            if (key_pos[t] > pos) si[t] = -std::numeric_limits<float>::infinity();
-            mx = std::max(mx, si[t]);
-          }
-          if (mx == -std::numeric_limits<float>::infinity()) {  // nothing visible yet
-            std::fill(si, si + nk, 0.f);
-            continue;
-          }
-          const float alpha = std::exp(row_max[i] - mx);  // rescale of the old partial sums
-          float sum = 0.f;
-          for (int64_t t = 0; t < nk; ++t) {
-            si[t] = std::exp(si[t] - mx);
-            sum += si[t];
-          }
-          row_sum[i] = row_sum[i] * alpha + sum;
-          row_max[i] = mx;
-          for (int64_t d = 0; d < D; ++d) ap[i * D + d] *= alpha;
-        }
-        acc.add_(at::mm(s, vc));
+        const at::Tensor pos_t = at::from_blob(key_pos.data(), {nk}, lopt);  // [nk]
+        at::Tensor s = at::mm(qb, kh.index_select(0, pos_t).t()).mul_(scale);  // [nr, nk]
+        if (key_pos.back() > off + row0) s.masked_fill_(pos_t.unsqueeze(0) > row_pos, -std::numeric_limits<float>::infinity());
+        // Online softmax (fp32): rescale the partial sums by exp(old max - new max).
+        const at::Tensor new_max = at::maximum(row_max, std::get<0>(s.max(1)));
+        const at::Tensor safe_max = new_max.masked_fill(new_max == -std::numeric_limits<float>::infinity(), 0.f);
+        const at::Tensor alpha = (row_max - safe_max).exp_();
+        s.sub_(safe_max.unsqueeze(1)).exp_();
+        row_sum.mul_(alpha).add_(s.sum(1));
+        acc.mul_(alpha.unsqueeze(1)).addmm_(s, vh.index_select(0, pos_t));
+        row_max = new_max;
       }
 
       const float* ap = acc.data_ptr<float>();
+      const float* mp = row_max.data_ptr<float>();
+      const float* lp = row_sum.data_ptr<float>();
       for (int64_t i = 0; i < nr; ++i) {
+        if (!(lp[i] > 0.f)) continue;  // the row sees no key: out 0, lse -inf
         float* o = out_p + ((b * Nq + row0 + i) * Hq + h) * D;
-        if (row_sum[i] > 0.f) {
-          const float inv = 1.f / row_sum[i];
-          for (int64_t d = 0; d < D; ++d) o[d] = ap[i * D + d] * inv;
-          lse_p[(b * Hq + h) * Nq + row0 + i] = row_max[i] + std::log(row_sum[i]);
-        }
+        const float inv = 1.f / lp[i];
+        for (int64_t d = 0; d < D; ++d) o[d] = ap[i * D + d] * inv;
+        lse_p[(b * Hq + h) * Nq + row0 + i] = mp[i] + std::log(lp[i]);
       }
     }
   });

@@ -119,25 +119,23 @@ bool select_head(const HeadInputs& in, const SelectParams& p, int32_t* kv_count,
   }
   const bool query_aware = std::sqrt(std::max(jsd, 0.0)) < p.tau;
 
-  // Step 4: vertical-slash selection; budgets are tokens: ceil(tokens / bs) key-block
-  // columns for the vertical part, lines for the slash part.
-  const int64_t min_cols = std::min(cdiv(p.min_budget, bs), NBk);
-  const int64_t max_cols = p.max_budget < 0 ? NBk : std::min(cdiv(p.max_budget, bs), NBk);
-  const int64_t min_lines = std::min(p.min_budget, Nk);
-  const int64_t max_lines = p.max_budget < 0 ? Nk : std::min(p.max_budget, Nk);
-  // min_only: keep only the min-budget lines (the part query-aware heads add).
-  const bool min_only = query_aware;
-  std::vector<char> cols(NBk, 0), lines(Nk, 0);
-  {
-    auto [order, kg] = fewest_reaching(pooled_vertical, p.gamma);
-    const int64_t n = std::max(min_cols, min_only ? 0 : std::min(kg, max_cols));
-    for (int64_t i = 0; i < n; ++i) cols[order[i]] = 1;
-  }
-  {
-    auto [order, kg] = fewest_reaching(slash, p.gamma);
-    const int64_t n = std::max(min_lines, min_only ? 0 : std::min(kg, max_lines));
-    for (int64_t i = 0; i < n; ++i) lines[order[i]] = 1;
-  }
+  // Step 4: vertical-slash selection at block granularity: the fewest key-block
+  // columns (scored by â) and, separately, the fewest distance bins [t*bs, t*bs+bs)
+  // (scored by their slash mass) reaching gamma; budgets are ceil(tokens / bs) blocks.
+  // Query-aware heads keep only the min-budget blocks of each (the union of step 5).
+  std::vector<float> slash_bins(NBk, 0.f);
+  for (int64_t d = 0; d < Nk; ++d) slash_bins[d / bs] += slash[d];
+  const int64_t min_blocks = std::min(cdiv(p.min_budget, bs), NBk);
+  const int64_t max_blocks = p.max_budget < 0 ? NBk : std::min(cdiv(p.max_budget, bs), NBk);
+  auto keep_fewest = [&](const std::vector<float>& scores) {
+    std::vector<char> chosen(NBk, 0);
+    auto [order, kg] = fewest_reaching(scores, p.gamma);
+    const int64_t n = query_aware ? min_blocks : std::max(min_blocks, std::min(kg, max_blocks));
+    for (int64_t i = 0; i < n; ++i) chosen[order[i]] = 1;
+    return chosen;
+  };
+  const std::vector<char> cols = keep_fewest(pooled_vertical);
+  const std::vector<char> bins = keep_fewest(slash_bins);
 
   // Step 5: query-aware estimate: row-wise block-causal softmax of s pool(Q) pool(K)ᵀ,
   // each query block carrying 1/NBq, flattened; the fewest blocks reaching gamma.
@@ -162,7 +160,7 @@ bool select_head(const HeadInputs& in, const SelectParams& p, int32_t* kv_count,
   // Slash lines are covered for every row they touch: block c of query block r holds
   // a selected line iff some selected δ is in [lo - c*bs - bs + 1, hi - c*bs].
   std::vector<int64_t> line_prefix(Nk + 1, 0);
-  for (int64_t d = 0; d < Nk; ++d) line_prefix[d + 1] = line_prefix[d] + lines[d];
+  for (int64_t d = 0; d < Nk; ++d) line_prefix[d + 1] = line_prefix[d] + bins[d / bs];
   auto lines_in = [&](int64_t a, int64_t b) -> bool {
     a = std::max<int64_t>(a, 0);
     b = std::min<int64_t>(b, Nk - 1);
