@@ -61,10 +61,12 @@ def structured_qkv(
             raise ValueError(f"unknown head kind {kind!r}; supported: {', '.join(HEAD_KINDS)}")
     g = generator
     B, N, D, group = batch, seqlen, head_dim, heads_q // heads_kv
-    f32 = dict(device=device, dtype=torch.float32)
+
+    # Random draws happen on the generator's device (so a CUDA generator works), then move.
+    gdev = g.device if g is not None else torch.device(device)
 
     def randn(*shape):
-        return torch.randn(*shape, generator=g, **f32) if g is not None else torch.randn(*shape, **f32)
+        return torch.randn(*shape, generator=g, device=gdev).to(device)
 
     q = randn(B, N, heads_q, D) * 0.5
     k = randn(B, N, heads_kv, D) * 0.5
@@ -74,7 +76,7 @@ def structured_qkv(
     n_segments = max(1, math.ceil(N / topic_len))
     topics = randn(num_topics, D)
     topics = topics / topics.norm(dim=-1, keepdim=True)
-    seg_topic = torch.randint(0, num_topics, (n_segments,), generator=g, device="cpu").to(device)
+    seg_topic = torch.randint(0, num_topics, (n_segments,), generator=g, device=gdev).to(device)
     seg = seg_topic[pos // topic_len]  # topic of each position  [N]
     # Noise is rotated by RoPE; the structure of each head kind is added after it.
     content_q, content_k = torch.zeros_like(q), torch.zeros_like(k)
@@ -85,7 +87,7 @@ def structured_qkv(
             # q_i . k_j = a^2 sum_f cos(w_f (i - j)) over random frequencies w_f: a peak
             # at i = j that decays over ~1/max(w) tokens (a sliding-window-like head).
             half = D // 2
-            w = torch.rand(half, generator=g, device="cpu").to(device) * 0.08
+            w = torch.rand(half, generator=g, device=gdev).to(device) * 0.08
             ang = pos[:, None].float() * w[None, :]  # [N, half]
             emb = torch.cat([ang.cos(), ang.sin()], dim=-1) * math.sqrt(12.0 * math.sqrt(D) / half)
             content_q[:, :, hq] += emb[None, :, None, :]
@@ -95,7 +97,7 @@ def structured_qkv(
             u = u / u.norm()
             content_q[:, :, hq] += 6.0 * u
             content_k[:, :4, hk] += 14.0 * u  # attention sinks
-            hitters = torch.randperm(N, generator=g, device="cpu")[: max(1, N // 256)].to(device)
+            hitters = torch.randperm(N, generator=g, device=gdev)[: max(1, N // 256)].to(device)
             content_k[:, hitters, hk] += 10.0 * u  # heavy-hitter keys
         elif kind == "topic":
             t = topics[seg] * 7.0  # [N, D]

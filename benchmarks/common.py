@@ -1,0 +1,61 @@
+"""Timing and reporting helpers shared by the benchmark scripts (GPU timings with CUDA
+events, median of repeats after warm-up; tables printed last; JSON for machines)."""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+from typing import Callable, Sequence
+
+import torch
+
+
+def cuda_time_ms(fn: Callable[[], object], warmup: int = 3, repeats: int = 10) -> float:
+    """Median wall time of fn() on the current CUDA stream, in milliseconds."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def causal_flops(seqlen_q: int, seqlen_k: int, heads: int, head_dim: int, batch: int = 1) -> float:
+    """FLOPs of causal attention forward (2 matmuls, unmasked entries only)."""
+    off = seqlen_k - seqlen_q
+    entries = seqlen_q * (off + 1) + seqlen_q * (seqlen_q - 1) / 2  # sum over rows of visible keys
+    return 4.0 * batch * heads * head_dim * entries
+
+
+def format_table(rows: Sequence[dict], columns: Sequence[str]) -> str:
+    cells = [[str(c) for c in columns]] + [[_fmt(r.get(c, "")) for c in columns] for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
+    lines = ["  ".join(cell.rjust(w) for cell, w in zip(row, widths)) for row in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _fmt(x) -> str:
+    if isinstance(x, float):
+        return f"{x:.3g}" if abs(x) < 1000 else f"{x:.0f}"
+    return str(x)
+
+
+def write_json(path: str | None, payload: dict, default_name: str) -> str:
+    if path is None:
+        path = os.path.join(os.environ.get("OUT", "."), default_name)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(payload, f, indent=2)
+    return path
+
+
+def device_name() -> str:
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
