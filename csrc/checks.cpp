@@ -219,8 +219,9 @@ SelectParams make_select_params(const at::Tensor& q, const at::Tensor& k,
   p.gamma = static_cast<float>(gamma);
   p.tau = static_cast<float>(tau);
   p.softmax_scale = softmax_scale;
-  p.min_budget = min_budget;
-  p.max_budget = max_budget.has_value() ? *max_budget : -1;
+  p.min_budget_tokens = min_budget;
+  p.min_blocks = std::min(cdiv(min_budget, block_size), p.num_k_blocks);
+  p.max_blocks = max_budget.has_value() ? std::min(cdiv(*max_budget, block_size), p.num_k_blocks) : p.num_k_blocks;
   p.is_bf16 = q.scalar_type() == at::kBFloat16;
   return p;
 }

@@ -52,8 +52,13 @@ struct SelectParams {
   int64_t block_size;
   int64_t num_q_blocks, num_k_blocks;
   float gamma, tau, softmax_scale;
-  int64_t min_budget;  // tokens
-  int64_t max_budget;  // tokens; -1 = unbounded
+  // Budgets converted from tokens to blocks (ceil(tokens / bs), at most NBk). They bound
+  // BOTH the vertical key-block columns and the slash distance bins that a head keeps:
+  // slash selection is at block granularity (bins of bs distances), see reference.py
+  // step 4 and /work/main/.dev/SPEC_CHANGE.md. min_budget_tokens decides step 7.
+  int64_t min_blocks;
+  int64_t max_blocks;
+  int64_t min_budget_tokens;
   bool is_bf16;
 };
 

@@ -125,8 +125,7 @@ bool select_head(const HeadInputs& in, const SelectParams& p, int32_t* kv_count,
   // Query-aware heads keep only the min-budget blocks of each (the union of step 5).
   std::vector<float> slash_bins(NBk, 0.f);
   for (int64_t d = 0; d < Nk; ++d) slash_bins[d / bs] += slash[d];
-  const int64_t min_blocks = std::min(cdiv(p.min_budget, bs), NBk);
-  const int64_t max_blocks = p.max_budget < 0 ? NBk : std::min(cdiv(p.max_budget, bs), NBk);
+  const int64_t min_blocks = p.min_blocks, max_blocks = p.max_blocks;
   auto keep_fewest = [&](const std::vector<float>& scores) {
     std::vector<char> chosen(NBk, 0);
     auto [order, kg] = fewest_reaching(scores, p.gamma);

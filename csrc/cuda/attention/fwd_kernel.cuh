@@ -33,17 +33,41 @@ __device__ __forceinline__ void load_tile_async(typename Traits::Element* smem,
                                                 const typename Traits::Element* gbase,
                                                 int64_t row_stride, int64_t row0, int64_t row_limit,
                                                 int tid) {
+  using Element = typename Traits::Element;
   constexpr int kChunks = Traits::kHeadDim / 8;  // 16-byte chunks per row
-  constexpr int kTotal = kRows * kChunks;
+  constexpr int kNThreads = Traits::kNThreads;
+  if constexpr (kNThreads % kChunks == 0 && kRows % (kNThreads / kChunks) == 0) {
+    // Each thread copies the same chunk of every kRowStep-th row: one 64-bit address
+    // computation per tile, then pointer increments.
+    constexpr int kRowStep = kNThreads / kChunks;
+    const int row = tid / kChunks, col = (tid % kChunks) * 8;
+    const Element* src = gbase + (row0 + row) * row_stride + col;
+    const int64_t src_step = kRowStep * row_stride;
+    const uint32_t dst = smem_u32(smem + row * Traits::kSmemStride + col);
+    constexpr uint32_t kDstStep = kRowStep * Traits::kSmemStride * 2;  // bytes
+    if (row0 + kRows <= row_limit) {
 #pragma unroll
-  for (int i = 0; i < (kTotal + Traits::kNThreads - 1) / Traits::kNThreads; ++i) {
-    const int idx = tid + i * Traits::kNThreads;
-    if (kTotal % Traits::kNThreads == 0 || idx < kTotal) {
-      const int row = idx / kChunks;
-      const int chunk = idx - row * kChunks;
-      const bool valid = row0 + row < row_limit;
-      const typename Traits::Element* src = valid ? gbase + (row0 + row) * row_stride + chunk * 8 : gbase;
-      cp_async_16(smem_u32(smem + row * Traits::kSmemStride + chunk * 8), src, valid);
+      for (int i = 0; i < kRows / kRowStep; ++i, src += src_step) cp_async_16(dst + i * kDstStep, src);
+    } else {
+      const int64_t left = row_limit - row0 - row;  // rows of this thread still inside
+#pragma unroll
+      for (int i = 0; i < kRows / kRowStep; ++i, src += src_step) {
+        const bool valid = i * kRowStep < left;
+        cp_async_16(dst + i * kDstStep, valid ? src : gbase, valid);
+      }
+    }
+  } else {  // head dims whose chunk count does not divide the thread count (80, 96)
+    constexpr int kTotal = kRows * kChunks;
+#pragma unroll
+    for (int i = 0; i < (kTotal + kNThreads - 1) / kNThreads; ++i) {
+      const int idx = tid + i * kNThreads;
+      if (kTotal % kNThreads == 0 || idx < kTotal) {
+        const int row = idx / kChunks;
+        const int chunk = idx - row * kChunks;
+        const bool valid = row0 + row < row_limit;
+        const Element* src = valid ? gbase + (row0 + row) * row_stride + chunk * 8 : gbase;
+        cp_async_16(smem_u32(smem + row * Traits::kSmemStride + chunk * 8), src, valid);
+      }
     }
   }
 }
@@ -96,11 +120,17 @@ __global__ void __launch_bounds__(Traits::kNThreads)
     const int64_t last_tiles = (n_end - last_start + kBN - 1) / kBN;
     num_tiles = static_cast<int>((count - 1) * n_sub + (last_tiles < n_sub ? last_tiles : n_sub));
   }
-  auto tile_start = [&](int t) -> int64_t {
-    const int blk = t / n_sub;
-    int64_t c = list[blk];
+  // Walks the tiles in order: (block position in the list, key tile inside the block).
+  int cur_blk = 0, cur_sub = 0;
+  auto next_start = [&]() -> int64_t {
+    int64_t c = list[cur_blk];
     c = c < 0 ? 0 : (c >= p.num_k_blocks ? p.num_k_blocks - 1 : c);
-    return c * bs + static_cast<int64_t>(t - blk * n_sub) * kBN;
+    const int64_t start = c * bs + static_cast<int64_t>(cur_sub) * kBN;
+    if (++cur_sub == n_sub) {
+      cur_sub = 0;
+      ++cur_blk;
+    }
+    return start;
   };
 
   const Element* q_base = static_cast<const Element*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride;
@@ -124,11 +154,17 @@ __global__ void __launch_bounds__(Traits::kNThreads)
   const float scale_log2 = p.softmax_scale * static_cast<float>(M_LOG2E);
   const int warp_row0 = warp * kWarpRows;  // first tile row of this warp
 
+  // Key starts of the current and the next tile. The index of tile t + 2 is read one
+  // iteration before it is needed, so its global-memory latency stays off the path that
+  // issues the loads.
+  int64_t n_cur = 0, n_next = 0;
   if (num_tiles > 0) {
+    n_cur = next_start();
+    n_next = num_tiles > 1 ? next_start() : 0;
     load_tile_async<Traits, kBM>(sQ, q_base, p.q_row_stride, m0, Nq, tid);
-    load_tile_async<Traits, kBN>(sK, k_base, p.k_row_stride, tile_start(0), Nk, tid);
+    load_tile_async<Traits, kBN>(sK, k_base, p.k_row_stride, n_cur, Nk, tid);
     cp_async_commit();
-    load_tile_async<Traits, kBN>(sV, v_base, p.v_row_stride, tile_start(0), Nk, tid);
+    load_tile_async<Traits, kBN>(sV, v_base, p.v_row_stride, n_cur, Nk, tid);
     cp_async_commit();
   }
 
@@ -140,20 +176,21 @@ __global__ void __launch_bounds__(Traits::kNThreads)
     const int buf = t & 1;
     Element* sK_t = sK + buf * kBN * kStride;
     Element* sV_t = sV + buf * kBN * kStride;
-    const int64_t n0 = tile_start(t);
+    const int64_t n0 = n_cur;
 
     cp_async_wait<1>();  // Q and K_t have landed (V_t may still be in flight)
     __syncthreads();     // ... for every thread; and everyone is done with tile t-1's buffers
     if (t + 1 < num_tiles) {
-      const int64_t n1 = tile_start(t + 1);
-      load_tile_async<Traits, kBN>(sK + (buf ^ 1) * kBN * kStride, k_base, p.k_row_stride, n1, Nk, tid);
+      load_tile_async<Traits, kBN>(sK + (buf ^ 1) * kBN * kStride, k_base, p.k_row_stride, n_next, Nk, tid);
       cp_async_commit();
-      load_tile_async<Traits, kBN>(sV + (buf ^ 1) * kBN * kStride, v_base, p.v_row_stride, n1, Nk, tid);
+      load_tile_async<Traits, kBN>(sV + (buf ^ 1) * kBN * kStride, v_base, p.v_row_stride, n_next, Nk, tid);
       cp_async_commit();
     } else {
       cp_async_commit();  // empty groups keep the wait counts below uniform
       cp_async_commit();
     }
+    n_cur = n_next;
+    n_next = t + 2 < num_tiles ? next_start() : 0;
 
     // S = Q K^T for this warp's rows: [kMF x 16] x [kBN] in fp32.
     float acc_s[kMF][kNF][4];

@@ -1,0 +1,261 @@
+// "Fewest items whose mass reaches gamma" and "top K" over a non-negative float array, by
+// one CTA (kSelectThreads threads), without sorting (design.md §1 steps 4-5).
+//
+// Order: value descending, ties by lower index (the reference's stable descending sort).
+// Non-negative floats order like their bit patterns, so a most-significant-digit radix
+// descent (digits of 11, 11, 10 bits) over histograms finds
+//   * the item at which the running mass first reaches gamma (mass histograms, kept in
+//     62-bit fixed point so the sums are exact and independent of the summation order;
+//     the reference accumulates in double and compares float(csum) >= float(gamma)), and
+//   * the K-th item (count histograms),
+// then one pass marks the selected items in a bitmask (ties at the threshold by index).
+#pragma once
+
+#include <cstdint>
+
+#include "cuda/selection/device_utils.cuh"
+#include "cuda/selection/select_plan.h"
+
+namespace flexprefill {
+namespace selection {
+
+constexpr int kRadixBuckets = 2048;
+constexpr double kFixedOne = 4611686018427387904.0;  // 2^62
+
+struct RadixSmem {
+  uint32_t cnt[kRadixBuckets];
+  uint32_t mlo[kRadixBuckets];  // mass, low 32 bits of the fixed-point sum
+  uint32_t mhi[kRadixBuckets];  // mass, high 32 bits
+  uint32_t warp_cnt[32];
+  unsigned long long warp_mass[32];
+  uint32_t zero_cnt;
+  int found;
+  uint32_t bucket, bucket_cnt, above_cnt;
+  unsigned long long above_mass;
+  uint32_t take;
+};
+
+struct Threshold {
+  bool found;          // false: the mass never reaches gamma
+  uint32_t bits;       // bit pattern of the threshold value
+  uint32_t above_cnt;  // items strictly above it
+  uint32_t tie_cnt;    // items equal to it
+  uint32_t take;       // how many of the equal items are selected (lowest indices first)
+};
+
+__device__ __forceinline__ uint32_t item_bits(float x) { return x > 0.f ? __float_as_uint(x) : 0u; }
+__device__ __forceinline__ unsigned long long to_fixed(uint32_t bits) {
+  return static_cast<unsigned long long>(static_cast<double>(__uint_as_float(bits)) * kFixedOne);
+}
+__device__ __forceinline__ float fixed_to_float(unsigned long long v) {
+  return static_cast<float>(static_cast<double>(v) * (1.0 / kFixedOne));
+}
+
+// Histogram of the items whose bits match `prefix` under `pmask`, by digit (bits >> shift) & dmask.
+__device__ inline void radix_histogram(const float* x, uint32_t n, uint32_t prefix, uint32_t pmask, int shift,
+                                       uint32_t dmask, bool with_mass, RadixSmem& sm) {
+  for (int b = threadIdx.x; b < kRadixBuckets; b += blockDim.x) {
+    sm.cnt[b] = 0;
+    sm.mlo[b] = 0;
+    sm.mhi[b] = 0;
+  }
+  if (threadIdx.x == 0) {
+    sm.zero_cnt = 0;
+    sm.found = 0;
+  }
+  __syncthreads();
+  uint32_t zeros = 0;
+  for (uint32_t i = threadIdx.x; i < n; i += blockDim.x) {
+    const uint32_t bits = item_bits(x[i]);
+    if ((bits & pmask) != prefix) continue;
+    if (bits == 0) {  // many exact zeros (masked entries): counted without atomics
+      ++zeros;
+      continue;
+    }
+    const uint32_t b = (bits >> shift) & dmask;
+    atomicAdd(&sm.cnt[b], 1u);
+    if (with_mass) {
+      const unsigned long long u = to_fixed(bits);
+      const uint32_t lo = static_cast<uint32_t>(u);
+      uint32_t hi = static_cast<uint32_t>(u >> 32);
+      const uint32_t old = atomicAdd(&sm.mlo[b], lo);
+      if (old + lo < old) ++hi;  // carry out of the low word
+      if (hi) atomicAdd(&sm.mhi[b], hi);
+    }
+  }
+  zeros = warp_sum(zeros);
+  if ((threadIdx.x & 31) == 0 && zeros) atomicAdd(&sm.zero_cnt, zeros);
+  __syncthreads();
+  if (threadIdx.x == 0) sm.cnt[0] += sm.zero_cnt;  // zero bits only match when prefix == 0
+  __syncthreads();
+}
+
+// Scans the buckets from the highest down and finds the one where the running total crosses:
+//   by mass:  fixed_to_float(above_mass + suffix) >= gamma,
+//   by count: above_cnt + suffix >= K.
+// Writes sm.found / bucket / bucket_cnt / above_cnt / above_mass (for the items above it).
+__device__ inline void radix_find(bool by_mass, float gamma, uint32_t K, uint32_t above_cnt,
+                                  unsigned long long above_mass, RadixSmem& sm) {
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int b_hi = kRadixBuckets - 1 - 2 * tid, b_lo = b_hi - 1;  // kSelectThreads * 2 buckets
+  const uint32_t c_hi = sm.cnt[b_hi], c_lo = sm.cnt[b_lo];
+  const unsigned long long m_hi = (static_cast<unsigned long long>(sm.mhi[b_hi]) << 32) | sm.mlo[b_hi];
+  const unsigned long long m_lo = (static_cast<unsigned long long>(sm.mhi[b_lo]) << 32) | sm.mlo[b_lo];
+  uint32_t c_scan = c_hi + c_lo;
+  unsigned long long m_scan = m_hi + m_lo;
+  const uint32_t c_own = c_scan;
+  const unsigned long long m_own = m_scan;
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const uint32_t cv = __shfl_up_sync(0xffffffffu, c_scan, o);
+    const unsigned long long mv = __shfl_up_sync(0xffffffffu, m_scan, o);
+    if (lane >= o) {
+      c_scan += cv;
+      m_scan += mv;
+    }
+  }
+  if (lane == 31) {
+    sm.warp_cnt[warp] = c_scan;
+    sm.warp_mass[warp] = m_scan;
+  }
+  __syncthreads();
+  uint32_t c_excl = c_scan - c_own;
+  unsigned long long m_excl = m_scan - m_own;
+  for (int w = 0; w < warp; ++w) {
+    c_excl += sm.warp_cnt[w];
+    m_excl += sm.warp_mass[w];
+  }
+  // Bucket b_hi: items above = c_excl; bucket b_lo: c_excl + c_hi.
+  auto reached = [&](uint32_t c, unsigned long long mass) {
+    return by_mass ? fixed_to_float(above_mass + mass) >= gamma : above_cnt + c >= K;
+  };
+  const bool r_hi_ex = reached(c_excl, m_excl);
+  const bool r_hi_in = reached(c_excl + c_hi, m_excl + m_hi);
+  const bool r_lo_in = reached(c_excl + c_hi + c_lo, m_excl + m_hi + m_lo);
+  if (r_hi_in && !r_hi_ex) {
+    sm.found = 1;
+    sm.bucket = b_hi;
+    sm.bucket_cnt = c_hi;
+    sm.above_cnt = above_cnt + c_excl;
+    sm.above_mass = above_mass + m_excl;
+  } else if (r_lo_in && !r_hi_in) {
+    sm.found = 1;
+    sm.bucket = b_lo;
+    sm.bucket_cnt = c_lo;
+    sm.above_cnt = above_cnt + c_excl + c_hi;
+    sm.above_mass = above_mass + m_excl + m_hi;
+  }
+  __syncthreads();
+}
+
+// Descends the three digits. by_mass: the item where the running mass reaches gamma (its
+// rank is above_cnt + take). Otherwise the K-th item (1 <= K <= n).
+__device__ inline Threshold radix_threshold(const float* x, uint32_t n, bool by_mass, float gamma, uint32_t K,
+                                            RadixSmem& sm) {
+  constexpr int kShift[3] = {21, 10, 0};
+  constexpr uint32_t kMask[3] = {0x7ffu, 0x7ffu, 0x3ffu};
+  uint32_t prefix = 0, pmask = 0, above_cnt = 0;
+  unsigned long long above_mass = 0;
+  Threshold th{false, 0, 0, 0, 0};
+  for (int level = 0; level < 3; ++level) {
+    radix_histogram(x, n, prefix, pmask, kShift[level], kMask[level], by_mass, sm);
+    radix_find(by_mass, gamma, K, above_cnt, above_mass, sm);
+    const int found = sm.found;
+    const uint32_t bucket = sm.bucket;
+    th.tie_cnt = sm.bucket_cnt;
+    above_cnt = sm.above_cnt;
+    above_mass = sm.above_mass;
+    __syncthreads();  // everyone has read sm before it is reused
+    if (!found) return th;  // only at level 0: the total never reaches gamma
+    prefix |= bucket << kShift[level];
+    pmask |= kMask[level] << kShift[level];
+  }
+  th.found = true;
+  th.bits = prefix;
+  th.above_cnt = above_cnt;
+  if (by_mass) {
+    // Fewest t in [1, tie_cnt] equal items with float(above + t v) >= gamma (monotone in t).
+    if (threadIdx.x == 0) {
+      const unsigned long long v = to_fixed(prefix);
+      uint32_t lo = 1, hi = th.tie_cnt;
+      while (lo < hi) {
+        const uint32_t mid = lo + (hi - lo) / 2;
+        if (fixed_to_float(above_mass + v * mid) >= gamma) hi = mid; else lo = mid + 1;
+      }
+      sm.take = lo;
+    }
+    __syncthreads();
+    th.take = sm.take;
+    __syncthreads();
+  } else {
+    th.take = K - above_cnt;
+  }
+  return th;
+}
+
+// Writes the bitmask words[0, ceil(n / 32)) of the selection: items above the threshold,
+// and the first `take` items equal to it in index order. mode: 0 none, 1 all, 2 threshold.
+__device__ inline void radix_mark(const float* x, uint32_t n, int mode, const Threshold& th, uint32_t* words,
+                                  RadixSmem& sm) {
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const uint32_t n_round = (n + 31) / 32 * 32;
+  if (mode != 2 || th.take == th.tie_cnt) {
+    for (uint32_t i = tid; i < n_round; i += blockDim.x) {
+      bool sel = false;
+      if (i < n) sel = mode == 1 || (mode == 2 && item_bits(x[i]) >= th.bits);
+      const uint32_t w = __ballot_sync(0xffffffffu, sel);
+      if (lane == 0) words[i >> 5] = w;
+    }
+    return;
+  }
+  // Ties split: rank the equal items in index order, one CTA-wide chunk at a time.
+  uint32_t seen = 0;  // equal items in earlier chunks
+  for (uint32_t base = 0; base < n_round; base += blockDim.x) {
+    const uint32_t i = base + tid;
+    uint32_t bits = 0;
+    if (i < n) bits = item_bits(x[i]);
+    const bool eq = i < n && bits == th.bits;
+    const uint32_t eq_ballot = __ballot_sync(0xffffffffu, eq);
+    __syncthreads();
+    if (lane == 0) sm.warp_cnt[warp] = __popc(eq_ballot);
+    __syncthreads();
+    uint32_t rank = seen + __popc(eq_ballot & ((1u << lane) - 1u));
+    uint32_t chunk_total = 0;
+    for (int w = 0; w < static_cast<int>(blockDim.x >> 5); ++w) {
+      if (w < warp) rank += sm.warp_cnt[w];
+      chunk_total += sm.warp_cnt[w];
+    }
+    const bool sel = i < n && (bits > th.bits || (eq && rank < th.take));
+    const uint32_t w = __ballot_sync(0xffffffffu, sel);
+    if (lane == 0 && i < n_round) words[i >> 5] = w;
+    seen += chunk_total;
+  }
+}
+
+// The whole rule: K = max(kmin, min(kg, kmax)) clipped to n, where kg is the fewest items
+// reaching gamma (n if never) when use_gamma, else 0; then the top K items.
+__device__ inline void select_top(const float* x, uint32_t n, bool use_gamma, float gamma, uint32_t kmin,
+                                  uint32_t kmax, uint32_t* words, RadixSmem& sm) {
+  uint32_t kg = 0;
+  Threshold th{false, 0, 0, 0, 0};
+  if (use_gamma) {
+    th = radix_threshold(x, n, true, gamma, 0, sm);
+    kg = th.found ? th.above_cnt + th.take : n;
+  }
+  uint32_t K = kg < kmax ? kg : kmax;
+  if (K < kmin) K = kmin;
+  if (K > n) K = n;
+  if (K == 0) {
+    radix_mark(x, n, 0, th, words, sm);
+    return;
+  }
+  if (K == n) {
+    radix_mark(x, n, 1, th, words, sm);
+    return;
+  }
+  if (!(use_gamma && th.found && K == kg)) th = radix_threshold(x, n, false, 0.f, K, sm);
+  radix_mark(x, n, 2, th, words, sm);
+}
+
+}  // namespace selection
+}  // namespace flexprefill

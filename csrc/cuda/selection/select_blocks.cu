@@ -1,0 +1,201 @@
+// CUDA glue of flexprefill::select_blocks (design.md §1 steps 1-5 and 7): checks, device
+// guard, stream, workspace, and the launch sequence of the framework-free kernels in
+// select_kernels.cuh / rep_attention.cuh. No host synchronisation: capturable in a CUDA graph.
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <cstdint>
+#include <tuple>
+
+#include "checks.h"
+#include "config.h"
+#include "cuda/selection/rep_attention.cuh"
+#include "cuda/selection/select_kernels.cuh"
+#include "cuda/selection/select_plan.h"
+
+namespace flexprefill {
+
+namespace {
+
+using selection::SelectBuffers;
+using selection::SelectPlan;
+
+// The tensor-core passes copy 16-byte chunks of rows: the base and the strides must allow it.
+bool rows_16b_aligned(const at::Tensor& t) {
+  return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0 && t.stride(0) % 8 == 0 && t.stride(1) % 8 == 0 &&
+         t.stride(2) % 8 == 0;
+}
+
+selection::RepPassParams rep_params(const SelectParams& p, const SelectPlan& plan, const SelectBuffers& w) {
+  selection::RepPassParams r{};
+  r.q = static_cast<const uint16_t*>(p.q);
+  r.k = static_cast<const uint16_t*>(p.k);
+  r.q_batch_stride = p.q_batch_stride; r.q_row_stride = p.q_row_stride; r.q_head_stride = p.q_head_stride;
+  r.k_batch_stride = p.k_batch_stride; r.k_row_stride = p.k_row_stride; r.k_head_stride = p.k_head_stride;
+  r.seqlen_q = static_cast<int>(p.seqlen_q);
+  r.seqlen_k = static_cast<int>(p.seqlen_k);
+  r.heads_q = static_cast<int>(p.heads_q);
+  r.heads_kv = static_cast<int>(p.heads_kv);
+  r.head_dim = static_cast<int>(p.head_dim);
+  r.rows = static_cast<int>(plan.rows);
+  r.block_size = static_cast<int>(p.block_size);
+  r.split_keys = static_cast<int>(plan.split_keys);
+  r.num_splits = static_cast<int>(plan.num_splits);
+  r.num_k_blocks = static_cast<int>(p.num_k_blocks);
+  r.scale_log2 = plan.scale_log2;
+  r.part_max = w.part_max;
+  r.part_sum = w.part_sum;
+  r.lse2 = w.lse2;
+  r.vert = w.vert;
+  r.slash = w.slash;
+  return r;
+}
+
+// Steps 1-3 into the workspace: vertical / slash scores, lse2, query_aware (p.query_aware).
+void launch_scores(const SelectParams& p, const SelectPlan& plan, const SelectBuffers& w, cudaStream_t stream) {
+  using namespace selection;
+  C10_CUDA_CHECK(cudaMemsetAsync(w.slash, 0, sizeof(float) * p.batch * p.heads_q * p.seqlen_k, stream));
+  C10_CUDA_CHECK(launch_pool_keys(p, w.pool_k, stream));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  C10_CUDA_CHECK(launch_qhat_mean(p, plan, w.qhat_mean, stream));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const RepPassParams rp = rep_params(p, plan, w);
+  C10_CUDA_CHECK(launch_rep_pass_any(rp, static_cast<int>(p.batch), p.is_bf16, 1, stream));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  C10_CUDA_CHECK(launch_lse_combine(p, plan, w, stream));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  C10_CUDA_CHECK(launch_rep_pass_any(rp, static_cast<int>(p.batch), p.is_bf16, 2, stream));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  C10_CUDA_CHECK(launch_jsd(p, plan, w, stream));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// Inputs the kernels can read: rows copied when the layout does not allow 16-byte loads.
+std::pair<at::Tensor, at::Tensor> kernel_inputs(const at::Tensor& q, const at::Tensor& k) {
+  return {rows_16b_aligned(q) ? q : q.contiguous(), rows_16b_aligned(k) ? k : k.contiguous()};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> select_blocks_cuda(const at::Tensor& q, const at::Tensor& k,
+                                                                  double gamma, double tau, int64_t min_budget,
+                                                                  c10::optional<int64_t> max_budget,
+                                                                  int64_t block_size,
+                                                                  c10::optional<double> softmax_scale) {
+  constexpr const char* op = "select_blocks";
+  check_qkv(op, q, k, at::Tensor(), block_size);
+  check_select_args(op, gamma, tau, min_budget, max_budget);
+  const float scale = resolve_softmax_scale(softmax_scale, q.size(3));
+  const c10::cuda::CUDAGuard guard(q.device());
+
+  const int64_t B = q.size(0), Nq = q.size(1), Hq = q.size(2), Nk = k.size(1);
+  const int64_t NBq = cdiv(Nq, block_size), NBk = cdiv(Nk, block_size);
+  const auto opts = q.options();
+  at::Tensor kv_count = at::empty({B, Hq, NBq}, opts.dtype(at::kInt));           // [B, Hq, NBq] int32
+  at::Tensor kv_index = at::empty({B, Hq, NBq, NBk}, opts.dtype(at::kInt));      // [B, Hq, NBq, NBk] int32
+  at::Tensor query_aware = at::empty({B, Hq}, opts.dtype(at::kBool));            // [B, Hq] bool
+  if (B == 0 || Hq == 0) return {kv_count, kv_index, query_aware};
+  auto stream = at::cuda::getCurrentCUDAStream();
+  if (Nq == 0) {  // no query block; every head is (trivially) dense
+    C10_CUDA_CHECK(cudaMemsetAsync(query_aware.data_ptr(), 0, query_aware.numel(), stream));
+    return {kv_count, kv_index, query_aware};
+  }
+
+  const auto [qk, kk] = kernel_inputs(q, k);
+  const SelectParams p = make_select_params(qk, kk, kv_count, kv_index, query_aware, gamma, tau, min_budget,
+                                            max_budget, block_size, scale);
+  const int num_sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const SelectPlan plan = selection::make_select_plan(p, gamma, tau, num_sms);
+
+  if (plan.dense) {  // step 7: short inputs attend every causal block
+    C10_CUDA_CHECK(cudaMemsetAsync(query_aware.data_ptr(), 0, query_aware.numel(), stream));
+    C10_CUDA_CHECK(selection::launch_assemble(p, plan, nullptr, true, stream));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return {kv_count, kv_index, query_aware};
+  }
+
+  // Scratch from the caching allocator (stream-ordered; freed when this op returns).
+  at::Tensor workspace = at::empty({static_cast<int64_t>(plan.workspace_bytes)}, opts.dtype(at::kByte));
+  const SelectBuffers w = selection::select_buffers(plan, workspace.data_ptr());
+  launch_scores(p, plan, w, stream);
+
+  if (!plan.keep_all) {
+    C10_CUDA_CHECK(selection::launch_vs_select(p, plan, w, stream));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if (plan.any_query_aware) {
+      C10_CUDA_CHECK(cudaMemsetAsync(w.qa, 0, sizeof(uint32_t) * B * Hq * plan.qa_words, stream));
+      for (int64_t wave = 0; wave < plan.waves; ++wave) {
+        const int64_t head0 = wave * plan.heads_per_wave;
+        C10_CUDA_CHECK(selection::launch_pool_queries(p, plan, w, head0, stream));
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        C10_CUDA_CHECK(selection::launch_qa_logits(p, plan, w, head0, stream));
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        C10_CUDA_CHECK(selection::launch_qa_softmax(p, plan, w, head0, stream));
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        C10_CUDA_CHECK(selection::launch_qa_select(p, plan, w, head0, stream));
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
+    }
+  }
+  C10_CUDA_CHECK(selection::launch_assemble(p, plan, &w, plan.keep_all, stream));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {kv_count, kv_index, query_aware};
+}
+
+// Diagnostic hook for tests: the estimate of steps 1-3 on its own, so the scores can be
+// compared with the reference within a tolerance (the selection itself must match exactly).
+//   lse [B, Hq, m] fp32 (natural log), vertical [B, Hq, NBk] fp32 (â), slash [B, Hq, Nk] fp32,
+//   query_aware [B, Hq] bool; m = block_size (requires seqlen_q >= block_size).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> selection_scores_cuda(
+    const at::Tensor& q, const at::Tensor& k, int64_t block_size, c10::optional<double> softmax_scale,
+    double tau) {
+  constexpr const char* op = "_selection_scores";
+  check_qkv(op, q, k, at::Tensor(), block_size);
+  check_select_args(op, 0.5, tau, 0, c10::nullopt);
+  TORCH_CHECK(q.size(1) >= block_size, op, ": seqlen_q (", q.size(1), ") must be >= block_size (", block_size, ")");
+  const float scale = resolve_softmax_scale(softmax_scale, q.size(3));
+  const c10::cuda::CUDAGuard guard(q.device());
+  const int64_t B = q.size(0), Nq = q.size(1), Hq = q.size(2), Nk = k.size(1);
+  const int64_t NBq = cdiv(Nq, block_size), NBk = cdiv(Nk, block_size);
+  const auto opts = q.options();
+  at::Tensor kv_count = at::empty({B, Hq, NBq}, opts.dtype(at::kInt));
+  at::Tensor kv_index = at::empty({B, Hq, NBq, 1}, opts.dtype(at::kInt));
+  at::Tensor query_aware = at::empty({B, Hq}, opts.dtype(at::kBool));
+  const auto [qk, kk] = kernel_inputs(q, k);
+  SelectParams p = make_select_params(qk, kk, kv_count, kv_index, query_aware, 0.5, tau, 0, c10::nullopt,
+                                      block_size, scale);
+  p.min_budget = 0;
+  const int num_sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  SelectPlan plan = selection::make_select_plan(p, 0.5, tau, num_sms);
+  if (plan.dense) {  // the plan of a sparse call, whatever the length
+    SelectParams p2 = p;
+    p2.seqlen_q = 1 << 30;  // only to defeat the dense threshold in the plan
+    plan = selection::make_select_plan(p2, 0.5, tau, num_sms);
+    plan.rows = block_size;
+    plan.n_allowed = 0;
+  }
+  at::Tensor workspace = at::empty({static_cast<int64_t>(plan.workspace_bytes)}, opts.dtype(at::kByte));
+  const SelectBuffers w = selection::select_buffers(plan, workspace.data_ptr());
+  auto stream = at::cuda::getCurrentCUDAStream();
+  launch_scores(p, plan, w, stream);
+  const auto f32 = opts.dtype(at::kFloat);
+  at::Tensor lse = at::from_blob(w.lse2, {B, Hq, plan.rows}, f32).clone() * 0.6931471805599453;
+  at::Tensor vertical = at::from_blob(w.vert, {B, Hq, NBk}, f32).clone();
+  at::Tensor slash = at::from_blob(w.slash, {B, Hq, Nk}, f32).clone();
+  return {lse, vertical, slash, query_aware};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(flexprefill, m) {
+  m.def("_selection_scores(Tensor q, Tensor k, int block_size, float? softmax_scale, float tau) -> "
+        "(Tensor lse, Tensor vertical, Tensor slash, Tensor query_aware)");
+}
+
+TORCH_LIBRARY_IMPL(flexprefill, CUDA, m) {
+  m.impl("select_blocks", &select_blocks_cuda);
+  m.impl("_selection_scores", &selection_scores_cuda);
+}
+
+}  // namespace flexprefill
