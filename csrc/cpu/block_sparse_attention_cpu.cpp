@@ -9,7 +9,6 @@
 #include <cmath>
 #include <limits>
 #include <tuple>
-#include <vector>
 
 #include "checks.h"
 #include "config.h"
@@ -18,9 +17,9 @@ namespace flexprefill {
 
 namespace {
 
-// Selected key blocks are gathered and processed this many at a time, which bounds the
-// scratch memory of one query block at kChunkBlocks * block_size keys.
-constexpr int64_t kChunkBlocks = 16;
+// At most this many consecutive key blocks go into one matmul, which bounds the scratch
+// memory of one query block at kChunkBlocks * block_size keys.
+constexpr int32_t kChunkBlocks = 16;
 
 }  // namespace
 
@@ -41,9 +40,9 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_attention_cpu(
   auto lse = at::full({B, Hq, Nq}, -std::numeric_limits<float>::infinity(), q.options().dtype(at::kFloat));
   if (B == 0 || Nq == 0 || Hq == 0) return {out.to(q.scalar_type()), lse};
 
-  const auto qf = q.to(at::kFloat);  // [B, Nq, Hq, D]
-  const auto kf = k.to(at::kFloat);  // [B, Nk, Hkv, D]
-  const auto vf = v.to(at::kFloat);
+  const auto qf = q.to(at::kFloat);                                     // [B, Nq, Hq, D]
+  const auto kf = k.to(at::kFloat).transpose(1, 2).contiguous();       // [B, Hkv, Nk, D]
+  const auto vf = v.to(at::kFloat).transpose(1, 2).contiguous();       // [B, Hkv, Nk, D]
   const auto cnt = kv_count.contiguous();
   const auto idx = kv_index.contiguous();
   const int32_t* cnt_p = cnt.data_ptr<int32_t>();
@@ -53,9 +52,9 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_attention_cpu(
   float* lse_p = lse.data_ptr<float>();
   const auto fopt = at::TensorOptions().dtype(at::kFloat);
   const auto lopt = at::TensorOptions().dtype(at::kLong);
+  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
   at::parallel_for(0, B * Hq * NBq, 1, [&](int64_t begin, int64_t end) {
-    std::vector<int64_t> key_pos;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t r = task % NBq, h = (task / NBq) % Hq, b = task / (NBq * Hq);
       const int64_t row0 = r * bs, nr = std::min(bs, Nq - row0);
@@ -63,33 +62,31 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_attention_cpu(
       const int32_t* blocks = idx_p + task * M;
 
       const at::Tensor qb = qf[b].narrow(0, row0, nr).select(1, h);  // [nr, D]
-      const at::Tensor kh = kf[b].select(1, h / group);                // [Nk, D]
-      const at::Tensor vh = vf[b].select(1, h / group);
+      const at::Tensor kh = kf[b][h / group];                          // [Nk, D] contiguous
+      const at::Tensor vh = vf[b][h / group];
       // Absolute positions of the rows; keys after them are masked (causal).
       const at::Tensor row_pos = at::arange(off + row0, off + row0 + nr, lopt).unsqueeze(1);  // [nr, 1]
-      at::Tensor row_max = at::full({nr}, -std::numeric_limits<float>::infinity(), fopt);  // [nr]
-      at::Tensor row_sum = at::zeros({nr}, fopt);                                          // [nr]
-      at::Tensor acc = at::zeros({nr, D}, fopt);                                           // [nr, D]
+      at::Tensor row_max = at::full({nr}, kNegInf, fopt);  // [nr]
+      at::Tensor row_sum = at::zeros({nr}, fopt);          // [nr]
+      at::Tensor acc = at::zeros({nr, D}, fopt);           // [nr, D]
 
-      for (int32_t first = 0; first < n; first += kChunkBlocks) {
-        const int32_t last = std::min<int32_t>(n, first + kChunkBlocks);
-        key_pos.clear();
-        for (int32_t t = first; t < last; ++t) {
-          const int64_t c = blocks[t];
-          for (int64_t j = c * bs; j < std::min(Nk, c * bs + bs); ++j) key_pos.push_back(j);
+      // Runs of consecutive selected blocks are contiguous key ranges: one matmul each.
+      for (int32_t first = 0; first < n;) {
+        int32_t last = first + 1;
+        while (last < n && last - first < kChunkBlocks && blocks[last] == blocks[last - 1] + 1) ++last;
+        const int64_t j0 = int64_t(blocks[first]) * bs, j1 = std::min(Nk, int64_t(blocks[last - 1]) * bs + bs);
+        first = last;
+        at::Tensor s = at::mm(qb, kh.narrow(0, j0, j1 - j0).t()).mul_(scale);  // [nr, j1 - j0]
+        if (j1 - 1 > off + row0) {
+          s.masked_fill_(at::arange(j0, j1, lopt).unsqueeze(0) > row_pos, kNegInf);
         }
-        const int64_t nk = static_cast<int64_t>(key_pos.size());
-        if (nk == 0) continue;
-        const at::Tensor pos_t = at::from_blob(key_pos.data(), {nk}, lopt);  // [nk]
-        at::Tensor s = at::mm(qb, kh.index_select(0, pos_t).t()).mul_(scale);  // [nr, nk]
-        if (key_pos.back() > off + row0) s.masked_fill_(pos_t.unsqueeze(0) > row_pos, -std::numeric_limits<float>::infinity());
         // Online softmax (fp32): rescale the partial sums by exp(old max - new max).
         const at::Tensor new_max = at::maximum(row_max, std::get<0>(s.max(1)));
-        const at::Tensor safe_max = new_max.masked_fill(new_max == -std::numeric_limits<float>::infinity(), 0.f);
+        const at::Tensor safe_max = new_max.masked_fill(new_max == kNegInf, 0.f);
         const at::Tensor alpha = (row_max - safe_max).exp_();
         s.sub_(safe_max.unsqueeze(1)).exp_();
         row_sum.mul_(alpha).add_(s.sum(1));
-        acc.mul_(alpha.unsqueeze(1)).addmm_(s, vh.index_select(0, pos_t));
+        acc.mul_(alpha.unsqueeze(1)).addmm_(s, vh.narrow(0, j0, j1 - j0));
         row_max = new_max;
       }
 
