@@ -16,14 +16,23 @@ def to_block_mask(selection: Selection, seqlen_q: int, seqlen_k: int, block_size
     FlexAttention takes q, k, v as [B, H, N, D] (transpose ours with `.transpose(1, 2)`).
     """
     off = seqlen_k - seqlen_q
+    kv_count, kv_index = selection.kv_count, selection.kv_index
+    # The mask_mod repeats the block selection: flex_attention's eager (uncompiled) path
+    # applies only the mask_mod and ignores the block structure.
+    num_k_blocks = -(-seqlen_k // block_size)
+    valid = torch.arange(kv_index.shape[-1], device=kv_index.device) < kv_count[..., None]
+    cols = torch.where(valid, kv_index, num_k_blocks).long()  # invalid entries -> spare column
+    shape = (*kv_index.shape[:-1], num_k_blocks + 1)
+    selected = torch.zeros(shape, dtype=torch.bool, device=kv_index.device).scatter_(-1, cols, True)
+    selected = selected[..., :num_k_blocks]  # [B, Hq, NBq, NBk] bool
 
-    def causal(b, h, q_idx, kv_idx):
-        return kv_idx <= q_idx + off
+    def selected_and_causal(b, h, q_idx, kv_idx):
+        return selected[b, h, q_idx // block_size, kv_idx // block_size] & (kv_idx <= q_idx + off)
 
     return BlockMask.from_kv_blocks(
-        selection.kv_count,
-        selection.kv_index,
+        kv_count,
+        kv_index,
         BLOCK_SIZE=block_size,
-        mask_mod=causal,
+        mask_mod=selected_and_causal,
         seq_lengths=(seqlen_q, seqlen_k),
     )
