@@ -238,6 +238,11 @@ __global__ void __launch_bounds__(Traits::kNThreads)
 
     // Online softmax (base 2). A row that has seen no key yet keeps max -inf; its
     // probabilities and correction are then exp2(-inf) = 0, never NaN.
+    // O and the row sums are rescaled only when a row's max moved; once the max has
+    // settled (long rows) whole warps skip the kMF * kD / 4 multiplies (exact: the
+    // factor would be 1).
+    float m_scaled[kMF][2], corr[kMF][2];
+    bool moved = false;
 #pragma unroll
     for (int mf = 0; mf < kMF; ++mf)
 #pragma unroll
@@ -247,37 +252,38 @@ __global__ void __launch_bounds__(Traits::kNThreads)
         for (int nf = 0; nf < kNF; ++nf) mx = fmaxf(mx, fmaxf(acc_s[mf][nf][2 * hr], acc_s[mf][nf][2 * hr + 1]));
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-        const float m_scaled = mx == -INFINITY ? 0.f : mx * scale_log2;
-        const float corr = exp2f(row_max[mf][hr] * scale_log2 - m_scaled);
+        m_scaled[mf][hr] = mx == -INFINITY ? 0.f : mx * scale_log2;
+        const bool row_moved = mx != row_max[mf][hr];
+        corr[mf][hr] = row_moved ? exp2f(row_max[mf][hr] * scale_log2 - m_scaled[mf][hr]) : 1.f;
+        moved |= row_moved;
         row_max[mf][hr] = mx;
-        float sum = 0.f;
-#pragma unroll
-        for (int nf = 0; nf < kNF; ++nf)
-#pragma unroll
-          for (int e = 2 * hr; e < 2 * hr + 2; ++e) {
-            const float pr = exp2f(acc_s[mf][nf][e] * scale_log2 - m_scaled);
-            acc_s[mf][nf][e] = pr;
-            sum += pr;
-          }
-        row_sum[mf][hr] = row_sum[mf][hr] * corr + sum;  // this thread's partial sum
-#pragma unroll
-        for (int df = 0; df < kDF; ++df) {
-          acc_o[mf][df][2 * hr] *= corr;
-          acc_o[mf][df][2 * hr + 1] *= corr;
-        }
+        row_sum[mf][hr] *= corr[mf][hr];
       }
+    if (__any_sync(0xffffffffu, moved)) {
+#pragma unroll
+      for (int mf = 0; mf < kMF; ++mf)
+#pragma unroll
+        for (int df = 0; df < kDF; ++df)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) acc_o[mf][df][e] *= corr[mf][e >> 1];
+    }
 
-    // P in the input dtype, laid out as m16n8k16 A fragments (the S accumulator layout
-    // of two neighbouring 8-key fragments is exactly one 16-key A fragment).
+    // P = exp2(S * scale_log2 - m) in the input dtype, packed straight into m16n8k16 A
+    // fragments (the S accumulators of two neighbouring 8-key fragments form one 16-key
+    // A fragment); the row sums use the unrounded probabilities.
     uint32_t pa[kMF][kPS][4];
 #pragma unroll
     for (int mf = 0; mf < kMF; ++mf)
 #pragma unroll
-      for (int kk = 0; kk < kPS; ++kk) {
-        pa[mf][kk][0] = pack_pair<Element>(acc_s[mf][2 * kk][0], acc_s[mf][2 * kk][1]);
-        pa[mf][kk][1] = pack_pair<Element>(acc_s[mf][2 * kk][2], acc_s[mf][2 * kk][3]);
-        pa[mf][kk][2] = pack_pair<Element>(acc_s[mf][2 * kk + 1][0], acc_s[mf][2 * kk + 1][1]);
-        pa[mf][kk][3] = pack_pair<Element>(acc_s[mf][2 * kk + 1][2], acc_s[mf][2 * kk + 1][3]);
+      for (int nf = 0; nf < kNF; ++nf) {
+        const float p0 = exp2f(acc_s[mf][nf][0] * scale_log2 - m_scaled[mf][0]);
+        const float p1 = exp2f(acc_s[mf][nf][1] * scale_log2 - m_scaled[mf][0]);
+        const float p2 = exp2f(acc_s[mf][nf][2] * scale_log2 - m_scaled[mf][1]);
+        const float p3 = exp2f(acc_s[mf][nf][3] * scale_log2 - m_scaled[mf][1]);
+        row_sum[mf][0] += p0 + p1;
+        row_sum[mf][1] += p2 + p3;
+        pa[mf][nf / 2][(nf & 1) * 2] = pack_pair<Element>(p0, p1);
+        pa[mf][nf / 2][(nf & 1) * 2 + 1] = pack_pair<Element>(p2, p3);
       }
 
     cp_async_wait<2>();  // V_t has landed (K_{t+1}, V_{t+1} may still be in flight)

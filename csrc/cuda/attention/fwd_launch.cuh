@@ -30,8 +30,8 @@ cudaError_t launch_block_sparse_fwd(const AttentionParams& p, cudaStream_t strea
   return cudaGetLastError();
 }
 
-// Tile heuristic (kernel_traits.h): 128-row tiles when the block size is a multiple of
-// 128 and the device has the shared memory for them, 64-row tiles otherwise.
+// Tile heuristic (kernel_traits.h, use_large_tile): 128-row tiles when the block size is a
+// multiple of 128 and the device has the shared memory for them, 64-row tiles otherwise.
 template <typename Element, int kHeadDim, int kBlockSize>
 cudaError_t run_block_sparse_fwd(const AttentionParams& p, const DeviceInfo& dev, cudaStream_t stream) {
   using Large = FwdTraitsLarge<Element, kHeadDim>;
@@ -39,7 +39,7 @@ cudaError_t run_block_sparse_fwd(const AttentionParams& p, const DeviceInfo& dev
   static_assert(kBlockSize % Small::kBlockM == 0 && kBlockSize % Small::kBlockN == 0,
                 "block size must be a multiple of the small tile");
   if constexpr (kBlockSize % Large::kBlockM == 0 && kBlockSize % Large::kBlockN == 0) {
-    if (Large::kSmemBytes <= dev.max_smem_per_block) return launch_block_sparse_fwd<Large>(p, stream);
+    if (use_large_tile<Large>(kBlockSize, dev.max_smem_per_block)) return launch_block_sparse_fwd<Large>(p, stream);
   }
   if (Small::kSmemBytes > dev.max_smem_per_block) return cudaErrorInvalidConfiguration;
   return launch_block_sparse_fwd<Small>(p, stream);

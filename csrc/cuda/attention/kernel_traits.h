@@ -46,5 +46,14 @@ using FwdTraitsLarge = FwdTraits<Element, kHeadDim, 128, 64, kHeadDim >= 256 ? 8
 template <typename Element, int kHeadDim>
 using FwdTraitsSmall = FwdTraits<Element, kHeadDim, 64, kHeadDim >= 256 ? 32 : 64, 4>;
 
+// The heuristic: the large tile when its rows and key tiles divide the block size and the
+// device gives a block its shared memory; otherwise the small tile (the caller checks
+// that the small one fits).
+template <typename Large>
+inline bool use_large_tile(int64_t block_size, size_t max_smem_per_block) {
+  return block_size % Large::kBlockM == 0 && block_size % Large::kBlockN == 0 &&
+         Large::kSmemBytes <= max_smem_per_block;
+}
+
 }  // namespace attention
 }  // namespace flexprefill

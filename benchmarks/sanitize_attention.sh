@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# compute-sanitizer memcheck and racecheck on small block_sparse_attention cases (both
+# tile shapes, partial blocks, rows that see no key, GQA, Nq < Nk, validate=True).
+# Fails on any reported error. Needs a GPU and flexprefill importable (PYTHONPATH).
+#   bash benchmarks/sanitize_attention.sh
+set -euo pipefail
+
+# Without the caching allocator each tensor is its own cudaMalloc, so memcheck sees an
+# out-of-bounds access even when it would land inside a cached segment.
+export PYTORCH_NO_CUDA_MEMORY_CACHING=1
+
+CASE=$(cat <<'PY'
+import torch, flexprefill
+from flexprefill.reference import cdiv
+torch.manual_seed(0)
+dims = flexprefill.supported_head_dims("cuda")
+for D, bs, dtype in [(128, 128, torch.bfloat16), (128, 64, torch.float16), (max(dims), 128, torch.bfloat16),
+                     (min(dims), 64, torch.bfloat16)]:
+    B, Nq, Nk, Hq, Hkv = 2, 200, 333, 4, 2
+    q = torch.randn(B, Nq, Hq, D, device="cuda", dtype=dtype)
+    k = torch.randn(B, Nk, Hkv, D, device="cuda", dtype=dtype)
+    v = torch.randn(B, Nk, Hkv, D, device="cuda", dtype=dtype)
+    NBq, NBk = cdiv(Nq, bs), cdiv(Nk, bs)
+    kv_count = torch.randint(0, NBk + 1, (B, Hq, NBq), dtype=torch.int32)
+    kv_index = torch.zeros(B, Hq, NBq, NBk, dtype=torch.int32)
+    for b in range(B):
+        for h in range(Hq):
+            for r in range(NBq):
+                n = int(kv_count[b, h, r])
+                kv_index[b, h, r, :n] = torch.sort(torch.randperm(NBk)[:n]).values
+    out, lse = flexprefill.block_sparse_attention(q, k, v, kv_count.cuda(), kv_index.cuda(), bs, validate=True)
+    torch.cuda.synchronize()
+    assert torch.isfinite(out.float()).all()
+print("sanitize case done")
+PY
+)
+
+status=0
+for tool in memcheck racecheck; do
+  echo "== compute-sanitizer --tool $tool"
+  if ! compute-sanitizer --tool "$tool" --error-exitcode 1 python3 -c "$CASE" 2>&1 | tee /tmp/sanitize_$tool.log; then
+    status=1
+  fi
+  grep -q "ERROR SUMMARY: 0 errors\|RACECHECK SUMMARY: 0 hazards" /tmp/sanitize_$tool.log || status=1
+done
+if [ "$status" -ne 0 ]; then echo "compute-sanitizer: FAILED"; else echo "compute-sanitizer: OK"; fi
+exit "$status"
