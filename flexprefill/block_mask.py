@@ -29,9 +29,27 @@ def to_block_mask(selection: Selection, seqlen_q: int, seqlen_k: int, block_size
     def selected_and_causal(b, h, q_idx, kv_idx):
         return selected[b, h, q_idx // block_size, kv_idx // block_size] & (kv_idx <= q_idx + off)
 
+    # Blocks that every row of the query block sees whole are "full": the compiled kernel
+    # then skips the mask_mod there and evaluates it only on the diagonal blocks.
+    nbq = kv_index.shape[2]
+    first_row = off + torch.arange(nbq, device=kv_index.device)[:, None] * block_size  # [NBq, 1]
+    block_end = (kv_index.long() + 1) * block_size  # one past the block's last key
+    full = valid & (block_end - 1 <= first_row) & (block_end <= seqlen_k)  # [B, Hq, NBq, M]
+    partial = valid & ~full
+
+    def compact(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The kept entries of kv_index, ascending and first: (count, indices) int32."""
+        spare = torch.iinfo(torch.int32).max
+        indices = torch.sort(torch.where(keep, kv_index, spare), dim=-1).values
+        return keep.sum(-1, dtype=torch.int32), torch.where(indices == spare, 0, indices).to(torch.int32)
+
+    partial_count, partial_index = compact(partial)
+    full_count, full_index = compact(full)
     return BlockMask.from_kv_blocks(
-        kv_count,
-        kv_index,
+        partial_count,
+        partial_index,
+        full_count,
+        full_index,
         BLOCK_SIZE=block_size,
         mask_mod=selected_and_causal,
         seq_lengths=(seqlen_q, seqlen_k),
