@@ -84,6 +84,11 @@ TORCH_LIBRARY(flexprefill, m) {
       "flex_prefill_attention(Tensor q, Tensor k, Tensor v, float gamma, float tau, int min_budget, "
       "int? max_budget, int block_size, float? softmax_scale) -> (Tensor out, Tensor lse, "
       "Tensor kv_count, Tensor kv_index, Tensor query_aware)");
+  // Internal, CUDA only (tests): the estimate of steps 1-3 alone for the last block_size
+  // queries: lse [B, Hq, bs] fp32, vertical and slash-bin scores [B, Hq, NBk] fp32, query_aware.
+  m.def(
+      "_selection_scores(Tensor q, Tensor k, int block_size, float? softmax_scale, float tau) -> "
+      "(Tensor lse, Tensor vertical, Tensor slash, Tensor query_aware)");
   // What this build supports on a device type ('cpu' or 'cuda').
   m.def("supported_head_dims(str device_type) -> int[]", &head_dims_op);
   m.def("supported_block_sizes(str device_type) -> int[]", &block_sizes_op);

@@ -51,9 +51,11 @@ __device__ __forceinline__ float fixed_to_float(unsigned long long v) {
   return static_cast<float>(static_cast<double>(v) * (1.0 / kFixedOne));
 }
 
-// Histogram of the items whose bits match `prefix` under `pmask`, by digit (bits >> shift) & dmask.
-__device__ inline void radix_histogram(const float* x, uint32_t n, uint32_t prefix, uint32_t pmask, int shift,
-                                       uint32_t dmask, bool with_mass, RadixSmem& sm) {
+// Histogram of the items x[begin, end) whose bits match `prefix` under `pmask`, by digit
+// (bits >> shift) & dmask. Lanes of a warp that hit the same bucket are aggregated
+// (match + redux) so that a crowded bucket costs one shared atomic per warp, not 32.
+__device__ inline void radix_histogram(const float* x, uint32_t begin, uint32_t end, uint32_t prefix,
+                                       uint32_t pmask, int shift, uint32_t dmask, bool with_mass, RadixSmem& sm) {
   for (int b = threadIdx.x; b < kRadixBuckets; b += blockDim.x) {
     sm.cnt[b] = 0;
     sm.mlo[b] = 0;
@@ -64,27 +66,44 @@ __device__ inline void radix_histogram(const float* x, uint32_t n, uint32_t pref
     sm.found = 0;
   }
   __syncthreads();
+  const int lane = threadIdx.x & 31;
+  constexpr uint32_t kNone = 0xffffffffu;
   uint32_t zeros = 0;
-  for (uint32_t i = threadIdx.x; i < n; i += blockDim.x) {
-    const uint32_t bits = item_bits(x[i]);
-    if ((bits & pmask) != prefix) continue;
-    if (bits == 0) {  // many exact zeros (masked entries): counted without atomics
-      ++zeros;
-      continue;
+  for (uint32_t base = begin + (threadIdx.x & ~31u); base < end; base += blockDim.x) {  // warp-uniform
+    const uint32_t i = base + lane;
+    uint32_t key = kNone, bits = 0;
+    if (i < end) {
+      bits = item_bits(x[i]);
+      if ((bits & pmask) == prefix) {
+        if (bits == 0) ++zeros;  // many exact zeros (masked entries): counted apart
+        else key = (bits >> shift) & dmask;
+      }
     }
-    const uint32_t b = (bits >> shift) & dmask;
-    atomicAdd(&sm.cnt[b], 1u);
-    if (with_mass) {
+    const uint32_t peers = __match_any_sync(0xffffffffu, key);
+    if (key == kNone) continue;
+    const bool leader = lane == __ffs(peers) - 1;
+    if (with_mass) {  // 62-bit fixed point in three 21-bit limbs: sums of 32 fit in 32 bits
       const unsigned long long u = to_fixed(bits);
-      const uint32_t lo = static_cast<uint32_t>(u);
-      uint32_t hi = static_cast<uint32_t>(u >> 32);
-      const uint32_t old = atomicAdd(&sm.mlo[b], lo);
-      if (old + lo < old) ++hi;  // carry out of the low word
-      if (hi) atomicAdd(&sm.mhi[b], hi);
+      const uint32_t l0 = __reduce_add_sync(peers, static_cast<uint32_t>(u & 0x1fffffu));
+      const uint32_t l1 = __reduce_add_sync(peers, static_cast<uint32_t>((u >> 21) & 0x1fffffu));
+      const uint32_t l2 = __reduce_add_sync(peers, static_cast<uint32_t>(u >> 42));
+      if (leader) {
+        const unsigned long long total = static_cast<unsigned long long>(l0) +
+                                         (static_cast<unsigned long long>(l1) << 21) +
+                                         (static_cast<unsigned long long>(l2) << 42);
+        atomicAdd(&sm.cnt[key], static_cast<uint32_t>(__popc(peers)));
+        const uint32_t lo = static_cast<uint32_t>(total);
+        uint32_t hi = static_cast<uint32_t>(total >> 32);
+        const uint32_t old = atomicAdd(&sm.mlo[key], lo);
+        if (old + lo < old) ++hi;  // carry out of the low word
+        if (hi) atomicAdd(&sm.mhi[key], hi);
+      }
+    } else if (leader) {
+      atomicAdd(&sm.cnt[key], static_cast<uint32_t>(__popc(peers)));
     }
   }
   zeros = warp_sum(zeros);
-  if ((threadIdx.x & 31) == 0 && zeros) atomicAdd(&sm.zero_cnt, zeros);
+  if (lane == 0 && zeros) atomicAdd(&sm.zero_cnt, zeros);
   __syncthreads();
   if (threadIdx.x == 0) sm.cnt[0] += sm.zero_cnt;  // zero bits only match when prefix == 0
   __syncthreads();
@@ -158,7 +177,7 @@ __device__ inline Threshold radix_threshold(const float* x, uint32_t n, bool by_
   unsigned long long above_mass = 0;
   Threshold th{false, 0, 0, 0, 0};
   for (int level = 0; level < 3; ++level) {
-    radix_histogram(x, n, prefix, pmask, kShift[level], kMask[level], by_mass, sm);
+    radix_histogram(x, 0, n, prefix, pmask, kShift[level], kMask[level], by_mass, sm);
     radix_find(by_mass, gamma, K, above_cnt, above_mass, sm);
     const int found = sm.found;
     const uint32_t bucket = sm.bucket;

@@ -5,14 +5,15 @@
 //           -> part_max, part_sum [B, Hq, splits, m]; lse_combine -> lse2 [B, Hq, m]
 //   pass 2: recompute the logits, p = exp2(x - lse2), and accumulate
 //           vertical mass per key block  vert  [B, Hq, NBk]  (plain stores)
-//           slash mass per distance       slash [B, Hq, Nk]   (<= 2 atomic adds per entry
-//                                         onto zeros, so the result is deterministic)
+//           slash mass per distance bin   slash [B, Hq, NBk]  (bin t = distances [t bs, t bs + bs);
+//                                         <= 2 atomic adds per bin onto zeros, so the result
+//                                         is deterministic)
 //
-// One CTA = one query head x one split of `split_keys` keys; m/32 warps, each owning 32
-// rows (two m16 tiles, so every B fragment feeds four mma). Q̂ of the head stays in shared
-// memory; K streams through a double-buffered 64-key tile (cp.async). The G query heads of
-// a GQA group are adjacent in blockIdx.x, so they read the same K tiles through L2 at the
-// same time (one DRAM read of K per group).
+// One CTA = `heads_per_cta` query heads of one GQA group x one split of `split_keys` keys;
+// m/32 warps per head, each owning 32 rows (two m16 tiles, so every B fragment feeds four
+// mma). Q̂ of the heads stays in shared memory; K streams through a double-buffered 64-key
+// tile (cp.async) that all the CTA's heads share. The remaining CTAs of a group are
+// adjacent in blockIdx.x, so they read the same K tiles through L2 at the same time.
 // Logits are in log2 units: x = (q.k) * (s * log2 e), computed identically in both passes.
 #pragma once
 
@@ -32,13 +33,13 @@ struct RepPassParams {
   int64_t q_batch_stride, q_row_stride, q_head_stride;
   int64_t k_batch_stride, k_row_stride, k_head_stride;
   int seqlen_q, seqlen_k, heads_q, heads_kv, head_dim, rows, block_size;
-  int split_keys, num_splits, num_k_blocks;
+  int split_keys, num_splits, num_k_blocks, heads_per_cta;
   float scale_log2;
   float* part_max;    // [B, Hq, splits, m]   pass 1 out
   float* part_sum;    // [B, Hq, splits, m]   pass 1 out
   const float* lse2;  // [B, Hq, m]           pass 2 in
   float* vert;        // [B, Hq, NBk]         pass 2 out
-  float* slash;       // [B, Hq, Nk]          pass 2 out (zeroed before)
+  float* slash;       // [B, Hq, NBk]         pass 2 out (zeroed before)
 };
 
 // Shared-memory layout (bytes), the same on host and device.
@@ -49,12 +50,12 @@ constexpr int kStageRows = 8, kStageCols = 88;  // pre-added diagonal partials o
 
 __host__ __device__ inline int rep_row_stride(int D) { return D + 8; }  // +16 B: no ldmatrix conflicts
 
-__host__ __device__ inline RepSmem rep_smem_layout(int D, int m, int split_keys, int pass) {
+__host__ __device__ inline RepSmem rep_smem_layout(int D, int m, int split_keys, int pass, int heads_per_cta) {
   auto up = [](int x) { return (x + 15) / 16 * 16; };
-  const int ld = rep_row_stride(D), nw = m / kRowsPerWarp;
+  const int rows = heads_per_cta * m, ld = rep_row_stride(D), nw = rows / kRowsPerWarp;
   RepSmem s;
   s.q_off = 0;
-  s.k_off = up(m * ld * 2);
+  s.k_off = up(rows * ld * 2);
   int off = s.k_off + up(2 * kTileKeys * ld * 2);
   s.stage_off = off;
   if (pass == 2) {
@@ -71,28 +72,32 @@ __host__ __device__ inline RepSmem rep_smem_layout(int D, int m, int split_keys,
 }
 
 template <bool kBf16, int kPass>
-__global__ void __launch_bounds__(128) rep_pass_kernel(const RepPassParams p) {
+__global__ void __launch_bounds__(256) rep_pass_kernel(const RepPassParams p) {
   extern __shared__ __align__(16) unsigned char smem[];
-  const int h = blockIdx.x, split = blockIdx.y, b = blockIdx.z;
-  const int hk = h / (p.heads_q / p.heads_kv);
+  const int split = blockIdx.y, b = blockIdx.z, hpc = p.heads_per_cta;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int g = lane >> 2, t4 = lane & 3;
   const int m = p.rows, D = p.head_dim, ld = rep_row_stride(D), nthreads = blockDim.x;
+  const int warps_per_head = m / kRowsPerWarp;
+  const int h_first = blockIdx.x * hpc;                    // first query head of the CTA
+  const int h = h_first + warp / warps_per_head;           // this warp's query head
+  const int hk = h_first / (p.heads_q / p.heads_kv);       // hpc divides the group size
   const int ks = split * p.split_keys;
   const int ke = min(ks + p.split_keys, p.seqlen_k);
   const int ntile = (ke - ks + kTileKeys - 1) / kTileKeys;
   const int P0 = p.seqlen_k - m;  // absolute position of representative row 0
-  const RepSmem L = rep_smem_layout(D, m, p.split_keys, kPass);
+  const RepSmem L = rep_smem_layout(D, m, p.split_keys, kPass, hpc);
   uint16_t* Qs = reinterpret_cast<uint16_t*>(smem + L.q_off);
   uint16_t* Ks = reinterpret_cast<uint16_t*>(smem + L.k_off);
 
-  const uint16_t* qg = p.q + b * p.q_batch_stride + h * p.q_head_stride +
+  const uint16_t* qg = p.q + b * p.q_batch_stride + h_first * p.q_head_stride +
                        static_cast<int64_t>(p.seqlen_q - m) * p.q_row_stride;
   const uint16_t* kg = p.k + b * p.k_batch_stride + hk * p.k_head_stride;
   const int chunks = D / 8;  // 16-byte chunks per row
-  for (int idx = tid; idx < m * chunks; idx += nthreads) {
-    const int r = idx / chunks, c = idx - r * chunks;
-    cp_async16(smem_u32(Qs + r * ld + c * 8), qg + r * p.q_row_stride + c * 8, true);
+  for (int idx = tid; idx < hpc * m * chunks; idx += nthreads) {  // Qs row hl * m + r: head hl, row r
+    const int r = idx / chunks, c = idx - r * chunks, hl = r / m;
+    cp_async16(smem_u32(Qs + r * ld + c * 8), qg + hl * p.q_head_stride + (r - hl * m) * p.q_row_stride + c * 8,
+               true);
   }
   auto load_k = [&](int tile, int buf) {
     const int kt = ks + tile * kTileKeys;
@@ -109,7 +114,7 @@ __global__ void __launch_bounds__(128) rep_pass_kernel(const RepPassParams p) {
   cp_async_commit();
 
   const int64_t head = static_cast<int64_t>(b) * p.heads_q + h;
-  const int row0 = warp * kRowsPerWarp;  // first representative row of this warp
+  const int row0 = (warp % warps_per_head) * kRowsPerWarp;  // first representative row of this warp
   // Row slot s = 2 * mt + hf holds row row0 + 8 * s + g (mt: m16 tile, hf: upper half).
   float m_run[4], l_run[4], lse[4];
 #pragma unroll
@@ -126,7 +131,7 @@ __global__ void __launch_bounds__(128) rep_pass_kernel(const RepPassParams p) {
 
   // Per-lane ldmatrix addresses: A rows row0 + (lane & 15), k-half lane >> 4; B keys
   // (lane & 7) + 8 * (lane >> 4), k-half (lane >> 3) & 1.
-  const uint32_t q_addr = smem_u32(Qs + (row0 + (lane & 15)) * ld + (lane >> 4) * 8);
+  const uint32_t q_addr = smem_u32(Qs + (warp * kRowsPerWarp + (lane & 15)) * ld + (lane >> 4) * 8);
   const int b_row = (lane & 7) + ((lane >> 4) << 3), b_col = ((lane >> 3) & 1) * 8;
 
   for (int tile = 0; tile < ntile; ++tile) {
@@ -267,44 +272,75 @@ __global__ void __launch_bounds__(128) rep_pass_kernel(const RepPassParams p) {
     if (lane <= 30) wbuf[lane] = carry;  // last tile's diagonal lane - 63 (base 63)
     __syncthreads();
     const float inv_m = 1.f / static_cast<float>(m);  // m is a power of two: exact
-    const int nw = m / kRowsPerWarp;
+    const int nw = m / kRowsPerWarp;  // warps of one head
     const int wlen = kTileKeys * ntile + 31;  // entries per warp buffer
+    const int wstride = p.split_keys + 31;
     const float* wb0 = reinterpret_cast<const float*>(smem + L.wbuf_off);
-    // CTA index idx <-> distance delta = P0 - ks - 64 ntile + 1 + idx; warp w stores idx at idx - 32 w.
+    // CTA index idx <-> distance delta = P0 - ks - 64 ntile + 1 + idx; warp w of a head
+    // stores idx at idx - 32 w. Per-distance totals over the warps (fixed order) go to the
+    // free K buffers, then one warp per (head, distance bin) sums them (fixed tree).
     const int delta0 = P0 - ks - kTileKeys * ntile + 1;
-    for (int idx = tid; idx < kTileKeys * ntile + m - 1; idx += nthreads) {
+    float* tot = reinterpret_cast<float*>(smem + L.k_off);
+    const int ntot = kTileKeys * ntile + m - 1;
+    for (int idx = tid; idx < hpc * ntot; idx += nthreads) {
+      const int hl = idx / ntot, e = idx - hl * ntot;
       float total = 0.f;
       for (int w = 0; w < nw; ++w) {
-        const int j = idx - kRowsPerWarp * w;
-        if (j >= 0 && j < wlen) total += wb0[w * (p.split_keys + 31) + j];
+        const int j = e - kRowsPerWarp * w;
+        if (j >= 0 && j < wlen) total += wb0[(hl * nw + w) * wstride + j];
       }
-      const int delta = delta0 + idx;
-      if (delta >= 0 && delta < p.seqlen_k) atomicAdd(p.slash + head * p.seqlen_k + delta, total * inv_m);
+      tot[idx] = total;
+    }
+    __syncthreads();
+    const int d_first = max(delta0, 0), d_last = min(delta0 + ntot - 1, p.seqlen_k - 1);
+    if (d_first <= d_last) {
+      const int bs = p.block_size, bin0 = d_first / bs, nbins = d_last / bs - bin0 + 1;
+      for (int pair = warp; pair < hpc * nbins; pair += nthreads / 32) {
+        const int hl = pair / nbins, bin = bin0 + pair - hl * nbins;
+        const int lo = max(bin * bs, d_first), hi = min(bin * bs + bs - 1, d_last);
+        float s = 0.f;
+        for (int d = lo + lane; d <= hi; d += 32) s += tot[hl * ntot + d - delta0];
+        s = warp_sum(s);
+        const int64_t hh = static_cast<int64_t>(b) * p.heads_q + h_first + hl;
+        if (lane == 0) atomicAdd(p.slash + hh * p.num_k_blocks + bin, s * inv_m);
+      }
     }
     const float* wv0 = reinterpret_cast<const float*>(smem + L.wvert_off);
     const int tiles_per_block = p.block_size / kTileKeys;
     const int nblocks = (ke - ks + p.block_size - 1) / p.block_size;
-    for (int c = tid; c < nblocks; c += nthreads) {
+    for (int idx = tid; idx < hpc * nblocks; idx += nthreads) {
+      const int hl = idx / nblocks, c = idx - hl * nblocks;
       float total = 0.f;
       for (int w = 0; w < nw; ++w)
         for (int tt = 0; tt < tiles_per_block; ++tt) {
           const int tile = c * tiles_per_block + tt;
-          if (tile < ntile) total += wv0[w * (p.split_keys / kTileKeys) + tile];
+          if (tile < ntile) total += wv0[(hl * nw + w) * (p.split_keys / kTileKeys) + tile];
         }
-      p.vert[head * p.num_k_blocks + ks / p.block_size + c] = total * inv_m;
+      const int64_t hh = static_cast<int64_t>(b) * p.heads_q + h_first + hl;
+      p.vert[hh * p.num_k_blocks + ks / p.block_size + c] = total * inv_m;
     }
   }
 }
 
 // Host launchers (one kernel launch each; the caller checks the launch).
+// Largest heads_per_cta dividing the GQA group with <= 256 threads and fitting shared memory.
+inline int rep_heads_per_cta(int D, int m, int split_keys, int pass, int group, int max_smem) {
+  int best = 1;
+  for (int d = 1; d <= group && d * m <= 256; ++d)
+    if (group % d == 0 && rep_smem_layout(D, m, split_keys, pass, d).total <= max_smem) best = d;
+  return best;
+}
+
+// Host launcher (one kernel launch; the caller checks it). p.heads_per_cta must come from
+// rep_heads_per_cta for this pass.
 template <bool kBf16, int kPass>
 cudaError_t launch_rep_pass(const RepPassParams& p, int batch, cudaStream_t stream) {
-  const RepSmem L = rep_smem_layout(p.head_dim, p.rows, p.split_keys, kPass);
+  const RepSmem L = rep_smem_layout(p.head_dim, p.rows, p.split_keys, kPass, p.heads_per_cta);
   auto kernel = rep_pass_kernel<kBf16, kPass>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, L.total);
   if (err != cudaSuccess) return err;
-  dim3 grid(p.heads_q, p.num_splits, batch);
-  kernel<<<grid, p.rows, L.total, stream>>>(p);
+  dim3 grid(p.heads_q / p.heads_per_cta, p.num_splits, batch);
+  kernel<<<grid, p.rows * p.heads_per_cta, L.total, stream>>>(p);
   return cudaGetLastError();
 }
 

@@ -57,16 +57,20 @@ selection::RepPassParams rep_params(const SelectParams& p, const SelectPlan& pla
 // Steps 1-3 into the workspace: vertical / slash scores, lse2, query_aware (p.query_aware).
 void launch_scores(const SelectParams& p, const SelectPlan& plan, const SelectBuffers& w, cudaStream_t stream) {
   using namespace selection;
-  C10_CUDA_CHECK(cudaMemsetAsync(w.slash, 0, sizeof(float) * p.batch * p.heads_q * p.seqlen_k, stream));
+  C10_CUDA_CHECK(cudaMemsetAsync(w.slash, 0, sizeof(float) * p.batch * p.heads_q * p.num_k_blocks, stream));
   C10_CUDA_CHECK(launch_pool_keys(p, w.pool_k, stream));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   C10_CUDA_CHECK(launch_qhat_mean(p, plan, w.qhat_mean, stream));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  const RepPassParams rp = rep_params(p, plan, w);
+  RepPassParams rp = rep_params(p, plan, w);
+  const int group = static_cast<int>(p.heads_q / p.heads_kv);
+  const int max_smem = static_cast<int>(at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin);
+  rp.heads_per_cta = rep_heads_per_cta(rp.head_dim, rp.rows, rp.split_keys, 1, group, max_smem);
   C10_CUDA_CHECK(launch_rep_pass_any(rp, static_cast<int>(p.batch), p.is_bf16, 1, stream));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   C10_CUDA_CHECK(launch_lse_combine(p, plan, w, stream));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+  rp.heads_per_cta = rep_heads_per_cta(rp.head_dim, rp.rows, rp.split_keys, 2, group, max_smem);
   C10_CUDA_CHECK(launch_rep_pass_any(rp, static_cast<int>(p.batch), p.is_bf16, 2, stream));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   C10_CUDA_CHECK(launch_jsd(p, plan, w, stream));
@@ -133,7 +137,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> select_blocks_cuda(const at::Tens
         C10_CUDA_KERNEL_LAUNCH_CHECK();
         C10_CUDA_CHECK(selection::launch_qa_softmax(p, plan, w, head0, stream));
         C10_CUDA_KERNEL_LAUNCH_CHECK();
-        C10_CUDA_CHECK(selection::launch_qa_select(p, plan, w, head0, stream));
+        C10_CUDA_CHECK(cudaMemsetAsync(w.radix, 0, selection::kRadixStateBytes * plan.heads_per_wave, stream));
+        for (uint32_t mode : {selection::kModeMass, selection::kModeCount}) {
+          for (int level = 0; level < 3; ++level) {
+            C10_CUDA_CHECK(selection::launch_qa_radix_level(p, plan, w, head0, level, mode, stream));
+            C10_CUDA_KERNEL_LAUNCH_CHECK();
+          }
+        }
+        C10_CUDA_CHECK(selection::launch_qa_mark(p, plan, w, head0, stream));
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       }
     }
@@ -145,7 +156,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> select_blocks_cuda(const at::Tens
 
 // Diagnostic hook for tests: the estimate of steps 1-3 on its own, so the scores can be
 // compared with the reference within a tolerance (the selection itself must match exactly).
-//   lse [B, Hq, m] fp32 (natural log), vertical [B, Hq, NBk] fp32 (â), slash [B, Hq, Nk] fp32,
+//   lse [B, Hq, m] fp32 (natural log), vertical [B, Hq, NBk] fp32 (â), slash bins [B, Hq, NBk] fp32,
 //   query_aware [B, Hq] bool; m = block_size (requires seqlen_q >= block_size).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> selection_scores_cuda(
     const at::Tensor& q, const at::Tensor& k, int64_t block_size, c10::optional<double> softmax_scale,
@@ -165,7 +176,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> selection_scores_cuda
   const auto [qk, kk] = kernel_inputs(q, k);
   SelectParams p = make_select_params(qk, kk, kv_count, kv_index, query_aware, 0.5, tau, 0, c10::nullopt,
                                       block_size, scale);
-  p.min_budget = 0;
+  p.min_budget_tokens = 0;
+  p.min_blocks = 0;
   const int num_sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   SelectPlan plan = selection::make_select_plan(p, 0.5, tau, num_sms);
   if (plan.dense) {  // the plan of a sparse call, whatever the length
@@ -182,16 +194,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> selection_scores_cuda
   const auto f32 = opts.dtype(at::kFloat);
   at::Tensor lse = at::from_blob(w.lse2, {B, Hq, plan.rows}, f32).clone() * 0.6931471805599453;
   at::Tensor vertical = at::from_blob(w.vert, {B, Hq, NBk}, f32).clone();
-  at::Tensor slash = at::from_blob(w.slash, {B, Hq, Nk}, f32).clone();
+  at::Tensor slash = at::from_blob(w.slash, {B, Hq, NBk}, f32).clone();
   return {lse, vertical, slash, query_aware};
 }
 
 }  // namespace
-
-TORCH_LIBRARY_FRAGMENT(flexprefill, m) {
-  m.def("_selection_scores(Tensor q, Tensor k, int block_size, float? softmax_scale, float tau) -> "
-        "(Tensor lse, Tensor vertical, Tensor slash, Tensor query_aware)");
-}
 
 TORCH_LIBRARY_IMPL(flexprefill, CUDA, m) {
   m.impl("select_blocks", &select_blocks_cuda);

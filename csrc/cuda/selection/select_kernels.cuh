@@ -19,12 +19,6 @@
 namespace flexprefill {
 namespace selection {
 
-__device__ __forceinline__ float load_half_bits(const uint16_t* p, bool is_bf16) {
-  const uint16_t v = *p;
-  if (is_bf16) return __uint_as_float(static_cast<uint32_t>(v) << 16);
-  return __half2float(__ushort_as_half(v));
-}
-
 __device__ __forceinline__ int64_t last_causal_block_dev(int64_t r, int64_t Nq, int64_t Nk, int64_t bs) {
   const int64_t off = Nk - Nq;
   const int64_t end = r * bs + bs < Nq ? r * bs + bs : Nq;
@@ -32,13 +26,38 @@ __device__ __forceinline__ int64_t last_causal_block_dev(int64_t r, int64_t Nq, 
 }
 
 // Mean over rows [row0, row0 + count) of x[b, row, head, :] in fp32 (sum, then divide, as
-// the reference's _pool). One thread per element of D.
+// the reference's _pool). 16-byte loads: D / 8 threads per row, blockDim / (D / 8) rows in
+// flight; the row groups are summed in a fixed order (deterministic). Rows 16-byte aligned.
+constexpr int kPoolThreads = 256;
 __device__ __forceinline__ void mean_rows(const uint16_t* x, int64_t row_stride, int64_t row0, int64_t count,
                                           int D, bool is_bf16, float* out) {
+  __shared__ float partial[kPoolThreads * 8];  // [groups][D]
+  const int chunks = D / 8, groups = kPoolThreads / chunks;
+  const int c = threadIdx.x % chunks, gi = threadIdx.x / chunks;
+  float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+  if (gi < groups) {
+#pragma unroll 4
+    for (int64_t r = gi; r < count; r += groups) {
+      const uint4 v = *reinterpret_cast<const uint4*>(x + (row0 + r) * row_stride + c * 8);
+      const uint32_t w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        if (is_bf16) {
+          acc[2 * e] += __uint_as_float(w[e] << 16);
+          acc[2 * e + 1] += __uint_as_float(w[e] & 0xffff0000u);
+        } else {
+          acc[2 * e] += __half2float(__ushort_as_half(static_cast<unsigned short>(w[e] & 0xffffu)));
+          acc[2 * e + 1] += __half2float(__ushort_as_half(static_cast<unsigned short>(w[e] >> 16)));
+        }
+      }
+    }
+#pragma unroll
+    for (int e = 0; e < 8; ++e) partial[gi * D + c * 8 + e] = acc[e];
+  }
+  __syncthreads();
   for (int d = threadIdx.x; d < D; d += blockDim.x) {
     float s = 0.f;
-#pragma unroll 8
-    for (int64_t r = 0; r < count; ++r) s += load_half_bits(x + (row0 + r) * row_stride + d, is_bf16);
+    for (int g = 0; g < groups; ++g) s += partial[g * D + d];
     out[d] = s / static_cast<float>(count);
   }
 }
@@ -88,17 +107,20 @@ __global__ void jsd_kernel(const SelectParams p, const SelectPlan plan, const fl
   const int64_t head = b * p.heads_q + h, hk = h / (p.heads_q / p.heads_kv);
   const int D = static_cast<int>(p.head_dim);
   const int64_t NBk = p.num_k_blocks;
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
   for (int d = threadIdx.x; d < D; d += blockDim.x) qm[d] = qhat_mean[head * D + d];
   __syncthreads();
   const float* pk = pool_k + (b * p.heads_kv + hk) * NBk * D;
   float* x = logits + head * NBk;
   float mx = -INFINITY;
-  for (int64_t c = warp; c < NBk; c += nw) {
+  for (int64_t c = threadIdx.x; c < NBk; c += blockDim.x) {  // one key block per thread: rows in flight
+    const float4* row = reinterpret_cast<const float4*>(pk + c * D);
     float s = 0.f;
-    for (int d = lane; d < D; d += 32) s += pk[c * D + d] * qm[d];
-    s = warp_sum(s) * p.softmax_scale;
-    if (lane == 0) x[c] = s;
+    for (int d4 = 0; d4 < D / 4; ++d4) {
+      const float4 v = row[d4];
+      s += v.x * qm[4 * d4] + v.y * qm[4 * d4 + 1] + v.z * qm[4 * d4 + 2] + v.w * qm[4 * d4 + 3];
+    }
+    s *= p.softmax_scale;
+    x[c] = s;
     mx = fmaxf(mx, s);
   }
   mx = block_max(mx, red_f);  // also orders the x[] writes before the reads below
@@ -120,24 +142,19 @@ __global__ void jsd_kernel(const SelectParams p, const SelectPlan plan, const fl
   if (threadIdx.x == 0) query_aware[head] = sqrt(jsd > 0.0 ? jsd : 0.0) < plan.tau;
 }
 
-// Step 4: vertical columns (blockIdx.y == 0) and slash lines (1) of every head; query-aware
-// heads keep only the min-budget lines (the reference's vertical_slash(None)).
+// Step 4: vertical columns (blockIdx.y == 0) and slash distance bins (1) of every head;
+// query-aware heads keep only the min-budget ones (the reference's vertical_slash(None)).
 __global__ void __launch_bounds__(kSelectThreads) vs_select_kernel(const SelectParams p, const SelectPlan plan,
                                                                    const float* vert, const float* slash,
                                                                    const bool* query_aware, uint32_t* cols,
-                                                                   uint32_t* lines) {
+                                                                   uint32_t* bins) {
   __shared__ RadixSmem sm;
   const int64_t head = blockIdx.x;
   const bool use_gamma = !query_aware[head];
-  if (blockIdx.y == 0) {
-    select_top(vert + head * p.num_k_blocks, static_cast<uint32_t>(p.num_k_blocks), use_gamma, p.gamma,
-               static_cast<uint32_t>(plan.min_cols), static_cast<uint32_t>(plan.max_cols),
-               cols + head * plan.cols_words, sm);
-  } else {
-    select_top(slash + head * p.seqlen_k, static_cast<uint32_t>(p.seqlen_k), use_gamma, p.gamma,
-               static_cast<uint32_t>(plan.min_lines), static_cast<uint32_t>(plan.max_lines),
-               lines + head * plan.lines_words, sm);
-  }
+  const float* scores = (blockIdx.y == 0 ? vert : slash) + head * p.num_k_blocks;
+  uint32_t* words = (blockIdx.y == 0 ? cols : bins) + head * plan.cols_words;
+  select_top(scores, static_cast<uint32_t>(p.num_k_blocks), use_gamma, p.gamma,
+             static_cast<uint32_t>(plan.min_blocks), static_cast<uint32_t>(plan.max_blocks), words, sm);
 }
 
 // Step 5, per wave of heads [head0, head0 + heads_per_wave): pool(Q) of the query-aware ones.
@@ -232,16 +249,139 @@ __global__ void qa_softmax_kernel(const SelectParams p, int64_t head0, const boo
     x[c] = c <= chi ? static_cast<float>(exp(static_cast<double>(x[c]) - mx) * norm) : 0.f;
 }
 
-// The fewest estimated blocks reaching gamma (at most the causal ones). grid heads_per_wave.
-__global__ void __launch_bounds__(kSelectThreads) qa_select_kernel(const SelectParams p, const SelectPlan plan,
-                                                                   int64_t head0, const bool* query_aware,
-                                                                   const float* est, uint32_t* qa) {
+// The fewest estimated blocks reaching gamma (at most the causal ones), over the
+// NBq * NBk flattened estimate of each head, by many CTAs per head: one launch per radix
+// level (first by mass, then -- only when the budget cuts -- by count); every CTA adds its
+// chunk's histogram to the head's global one and the last CTA to finish picks the digit
+// and updates the head's state. A final launch writes the bitmask.
+struct GridRadixState {
+  uint32_t mode;  // kModeMass, kModeCount, kModeDone
+  uint32_t prefix, pmask, above_cnt;
+  unsigned long long above_mass;
+  uint32_t K;     // target rank of the count descent
+  uint32_t mark;  // when done: 0 none, 1 all, 2 by threshold
+  uint32_t thr_bits, tie_cnt, take, tickets;
+};
+constexpr uint32_t kModeMass = 0, kModeCount = 1, kModeDone = 2;
+constexpr uint32_t kGridChunk = 32768;  // estimate entries per CTA
+
+__device__ __forceinline__ GridRadixState* radix_state(unsigned char* ws, int64_t hw) {
+  return reinterpret_cast<GridRadixState*>(ws + hw * kRadixStateBytes);
+}
+__device__ __forceinline__ uint32_t* radix_global_hist(unsigned char* ws, int64_t hw) {  // [3][2048]
+  return reinterpret_cast<uint32_t*>(ws + hw * kRadixStateBytes + 64);
+}
+
+// grid (ceil(n / kGridChunk), heads_per_wave), kSelectThreads threads.
+__global__ void __launch_bounds__(kSelectThreads) qa_radix_level_kernel(const SelectParams p, const SelectPlan plan,
+                                                                        int64_t head0, const bool* query_aware,
+                                                                        const float* est, unsigned char* ws,
+                                                                        int level, uint32_t want_mode) {
   __shared__ RadixSmem sm;
-  const int64_t hw = blockIdx.x, head = head0 + hw;
+  __shared__ uint32_t is_last;
+  constexpr int kShift[3] = {21, 10, 0};
+  constexpr uint32_t kMask[3] = {0x7ffu, 0x7ffu, 0x3ffu};
+  const int64_t hw = blockIdx.y, head = head0 + hw;
   if (head >= p.batch * p.heads_q || !query_aware[head]) return;
+  GridRadixState* st = radix_state(ws, hw);
+  uint32_t* gh = radix_global_hist(ws, hw);
+  const uint32_t mode = st->mode;
+  if (mode != want_mode) return;
   const uint32_t n = static_cast<uint32_t>(p.num_q_blocks * p.num_k_blocks);
-  select_top(est + hw * p.num_q_blocks * p.num_k_blocks, n, true, p.gamma, 0u,
-             static_cast<uint32_t>(plan.n_allowed), qa + head * plan.qa_words, sm);
+  const uint32_t begin = blockIdx.x * kGridChunk, end = min(begin + kGridChunk, n);
+  const float* x = est + hw * static_cast<int64_t>(n);
+  const bool by_mass = mode == kModeMass;
+  radix_histogram(x, begin, end, st->prefix, st->pmask, kShift[level], kMask[level], by_mass, sm);
+  for (int b = threadIdx.x; b < kRadixBuckets; b += blockDim.x) {
+    if (sm.cnt[b]) atomicAdd(gh + b, sm.cnt[b]);
+    const uint32_t lo = sm.mlo[b];
+    uint32_t hi = sm.mhi[b];
+    if (lo) {
+      const uint32_t old = atomicAdd(gh + kRadixBuckets + b, lo);
+      if (old + lo < old) ++hi;
+    }
+    if (hi) atomicAdd(gh + 2 * kRadixBuckets + b, hi);
+  }
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) is_last = atomicAdd(&st->tickets, 1u) == gridDim.x - 1;
+  __syncthreads();
+  if (!is_last) return;
+  __threadfence();
+  for (int b = threadIdx.x; b < kRadixBuckets; b += blockDim.x) {
+    sm.cnt[b] = __ldcg(gh + b);
+    sm.mlo[b] = __ldcg(gh + kRadixBuckets + b);
+    sm.mhi[b] = __ldcg(gh + 2 * kRadixBuckets + b);
+    gh[b] = gh[kRadixBuckets + b] = gh[2 * kRadixBuckets + b] = 0;  // for the next level
+  }
+  if (threadIdx.x == 0) sm.found = 0;
+  __syncthreads();
+  radix_find(by_mass, p.gamma, st->K, st->above_cnt, st->above_mass, sm);
+  if (threadIdx.x != 0) return;
+  st->tickets = 0;
+  const uint32_t n_allowed = static_cast<uint32_t>(plan.n_allowed);
+  auto done = [&](uint32_t mark, uint32_t thr, uint32_t tie, uint32_t take) {
+    st->mark = mark;
+    st->thr_bits = thr;
+    st->tie_cnt = tie;
+    st->take = take;
+    st->mode = kModeDone;
+  };
+  auto start_count = [&](uint32_t K) {  // the top K by value, K = min(kg, causal entries)
+    if (K == 0) return done(0, 0, 0, 0);
+    if (K >= n) return done(1, 0, 0, 0);
+    st->K = K;
+    st->prefix = st->pmask = st->above_cnt = 0;
+    st->above_mass = 0;
+    st->mode = kModeCount;
+  };
+  if (!sm.found) return start_count(n < n_allowed ? n : n_allowed);  // mass never reaches gamma: kg = n
+  const uint32_t prefix = st->prefix | (sm.bucket << kShift[level]);
+  if (level < 2) {
+    st->prefix = prefix;
+    st->pmask |= kMask[level] << kShift[level];
+    st->above_cnt = sm.above_cnt;
+    st->above_mass = sm.above_mass;
+    return;
+  }
+  if (!by_mass) return done(2, prefix, sm.bucket_cnt, st->K - sm.above_cnt);
+  // Fewest t of the tied items with float(above + t v) >= gamma (monotone in t).
+  const unsigned long long v = to_fixed(prefix);
+  uint32_t lo = 1, hi = sm.bucket_cnt;
+  while (lo < hi) {
+    const uint32_t mid = lo + (hi - lo) / 2;
+    if (fixed_to_float(sm.above_mass + v * mid) >= p.gamma) hi = mid; else lo = mid + 1;
+  }
+  const uint32_t kg = sm.above_cnt + lo;
+  if (kg <= n_allowed) return done(2, prefix, sm.bucket_cnt, lo);
+  start_count(n_allowed);
+}
+
+// Bitmask of the selection. grid (ceil(n / kGridChunk), heads_per_wave), kSelectThreads.
+__global__ void __launch_bounds__(kSelectThreads) qa_mark_kernel(const SelectParams p, const SelectPlan plan,
+                                                                 int64_t head0, const bool* query_aware,
+                                                                 const float* est, unsigned char* ws, uint32_t* qa) {
+  __shared__ RadixSmem sm;
+  const int64_t hw = blockIdx.y, head = head0 + hw;
+  if (head >= p.batch * p.heads_q || !query_aware[head]) return;
+  const GridRadixState* st = radix_state(ws, hw);
+  const uint32_t mark = st->mark, thr = st->thr_bits, take = st->take, tie = st->tie_cnt;
+  const uint32_t n = static_cast<uint32_t>(p.num_q_blocks * p.num_k_blocks);
+  const float* x = est + hw * static_cast<int64_t>(n);
+  uint32_t* words = qa + head * plan.qa_words;
+  if (mark == 2 && take < tie) {  // ties split at the threshold: rank them in index order (rare)
+    if (blockIdx.x == 0) radix_mark(x, n, 2, Threshold{true, thr, 0, tie, take}, words, sm);
+    return;
+  }
+  const uint32_t begin = blockIdx.x * kGridChunk, end = min(begin + kGridChunk, n);
+  const uint32_t end_round = (end + 31) / 32 * 32;
+  const int lane = threadIdx.x & 31;
+  for (uint32_t base = begin + (threadIdx.x & ~31u); base < end_round; base += blockDim.x) {
+    const uint32_t i = base + lane;
+    const bool sel = i < end && (mark == 1 || (mark == 2 && item_bits(x[i]) >= thr));
+    const uint32_t w = __ballot_sync(0xffffffffu, sel);
+    if (lane == 0) words[base >> 5] = w;
+  }
 }
 
 __device__ __forceinline__ bool any_bit(const uint32_t* words, int64_t a, int64_t b) {
@@ -257,7 +397,7 @@ __device__ __forceinline__ bool any_bit(const uint32_t* words, int64_t a, int64_
 // Steps 4-7 together: kv_count [B, Hq, NBq], kv_index [B, Hq, NBq, NBk] (ascending, then
 // zeros). One warp per query block; grid (ceil(NBq / 4), Hq, B), 128 threads.
 __global__ void assemble_kernel(const SelectParams p, const SelectPlan plan, const uint32_t* cols,
-                                const uint32_t* lines, const uint32_t* qa, bool all_causal) {
+                                const uint32_t* bins, const uint32_t* qa, bool all_causal) {
   const int lane = threadIdx.x & 31;
   const int64_t r = static_cast<int64_t>(blockIdx.x) * kAssembleRowsPerCta + (threadIdx.x >> 5);
   if (r >= p.num_q_blocks) return;
@@ -274,7 +414,7 @@ __global__ void assemble_kernel(const SelectParams p, const SelectPlan plan, con
     count = chi + 1;
   } else {
     const uint32_t* cw = cols + head * plan.cols_words;
-    const uint32_t* lw = lines + head * plan.lines_words;
+    const uint32_t* tw = bins + head * plan.cols_words;
     const uint32_t* qw = plan.any_query_aware ? qa + head * plan.qa_words : nullptr;
     for (int64_t c0 = 0; c0 <= chi; c0 += 32) {
       const int64_t c = c0 + lane;
@@ -285,11 +425,11 @@ __global__ void assemble_kernel(const SelectParams p, const SelectPlan plan, con
           const int64_t f = r * NBk + c;
           keep = (qw[f >> 5] >> (f & 31)) & 1u;
         }
-        if (!keep) {  // a selected distance in [lo - c bs - bs + 1, hi - c bs]
+        if (!keep) {  // a selected distance in [lo - c bs - bs + 1, hi - c bs] (bins of bs)
           int64_t a = lo - c * bs - bs + 1, e = hi - c * bs;
           a = a > 0 ? a : 0;
           e = e < Nk - 1 ? e : Nk - 1;
-          keep = a <= e && any_bit(lw, a, e);
+          keep = a <= e && any_bit(tw, a / bs, e / bs);
         }
       }
       const uint32_t ballot = __ballot_sync(0xffffffffu, keep);
@@ -305,11 +445,11 @@ __global__ void assemble_kernel(const SelectParams p, const SelectPlan plan, con
 // Launchers.
 
 inline cudaError_t launch_pool_keys(const SelectParams& p, float* pool_k, cudaStream_t s) {
-  pool_keys_kernel<<<dim3(p.num_k_blocks, p.heads_kv, p.batch), 128, 0, s>>>(p, pool_k);
+  pool_keys_kernel<<<dim3(p.num_k_blocks, p.heads_kv, p.batch), kPoolThreads, 0, s>>>(p, pool_k);
   return cudaGetLastError();
 }
 inline cudaError_t launch_qhat_mean(const SelectParams& p, const SelectPlan& plan, float* out, cudaStream_t s) {
-  qhat_mean_kernel<<<dim3(p.heads_q, p.batch), 128, 0, s>>>(p, plan.rows, out);
+  qhat_mean_kernel<<<dim3(p.heads_q, p.batch), kPoolThreads, 0, s>>>(p, plan.rows, out);
   return cudaGetLastError();
 }
 inline cudaError_t launch_lse_combine(const SelectParams& p, const SelectPlan& plan, const SelectBuffers& w,
@@ -328,12 +468,12 @@ inline cudaError_t launch_jsd(const SelectParams& p, const SelectPlan& plan, con
 inline cudaError_t launch_vs_select(const SelectParams& p, const SelectPlan& plan, const SelectBuffers& w,
                                     cudaStream_t s) {
   vs_select_kernel<<<dim3(p.batch * p.heads_q, 2), kSelectThreads, 0, s>>>(p, plan, w.vert, w.slash,
-                                                                            p.query_aware, w.cols, w.lines);
+                                                                            p.query_aware, w.cols, w.bins);
   return cudaGetLastError();
 }
 inline cudaError_t launch_pool_queries(const SelectParams& p, const SelectPlan& plan, const SelectBuffers& w,
                                        int64_t head0, cudaStream_t s) {
-  pool_queries_kernel<<<dim3(p.num_q_blocks, plan.heads_per_wave), 128, 0, s>>>(p, plan, head0, p.query_aware,
+  pool_queries_kernel<<<dim3(p.num_q_blocks, plan.heads_per_wave), kPoolThreads, 0, s>>>(p, plan, head0, p.query_aware,
                                                                                  w.pool_q);
   return cudaGetLastError();
 }
@@ -348,16 +488,25 @@ inline cudaError_t launch_qa_softmax(const SelectParams& p, const SelectPlan& pl
   qa_softmax_kernel<<<dim3(p.num_q_blocks, plan.heads_per_wave), 128, 0, s>>>(p, head0, p.query_aware, w.est);
   return cudaGetLastError();
 }
-inline cudaError_t launch_qa_select(const SelectParams& p, const SelectPlan& plan, const SelectBuffers& w,
-                                    int64_t head0, cudaStream_t s) {
-  qa_select_kernel<<<plan.heads_per_wave, kSelectThreads, 0, s>>>(p, plan, head0, p.query_aware, w.est, w.qa);
+inline cudaError_t launch_qa_radix_level(const SelectParams& p, const SelectPlan& plan, const SelectBuffers& w,
+                                         int64_t head0, int level, uint32_t mode, cudaStream_t s) {
+  const int64_t n = p.num_q_blocks * p.num_k_blocks;
+  dim3 grid((n + kGridChunk - 1) / kGridChunk, plan.heads_per_wave);
+  qa_radix_level_kernel<<<grid, kSelectThreads, 0, s>>>(p, plan, head0, p.query_aware, w.est, w.radix, level, mode);
+  return cudaGetLastError();
+}
+inline cudaError_t launch_qa_mark(const SelectParams& p, const SelectPlan& plan, const SelectBuffers& w,
+                                  int64_t head0, cudaStream_t s) {
+  const int64_t n = p.num_q_blocks * p.num_k_blocks;
+  dim3 grid((n + kGridChunk - 1) / kGridChunk, plan.heads_per_wave);
+  qa_mark_kernel<<<grid, kSelectThreads, 0, s>>>(p, plan, head0, p.query_aware, w.est, w.radix, w.qa);
   return cudaGetLastError();
 }
 inline cudaError_t launch_assemble(const SelectParams& p, const SelectPlan& plan, const SelectBuffers* w,
                                    bool all_causal, cudaStream_t s) {
   dim3 grid((p.num_q_blocks + kAssembleRowsPerCta - 1) / kAssembleRowsPerCta, p.heads_q, p.batch);
   assemble_kernel<<<grid, 32 * kAssembleRowsPerCta, 0, s>>>(p, plan, w ? w->cols : nullptr,
-                                                            w ? w->lines : nullptr, w ? w->qa : nullptr,
+                                                            w ? w->bins : nullptr, w ? w->qa : nullptr,
                                                             all_causal);
   return cudaGetLastError();
 }

@@ -5,10 +5,11 @@
 // Pipeline (all on one stream, no host synchronisation):
 //   pool_keys + qhat_mean          pool(K) [B,Hkv,NBk,D], mean(Q̂) [B,Hq,D]           (steps 1, 3)
 //   rep_pass<1>, lse_combine       row LSE of softmax(s Q̂ Kᵀ), split over keys      (step 1)
-//   rep_pass<2>                    vertical block sums [B,Hq,NBk], slash sums [B,Hq,Nk] (step 2)
+//   rep_pass<2>                    vertical block sums [B,Hq,NBk], slash bin sums [B,Hq,NBk] (step 2)
 //   jsd                            query_aware [B,Hq]                                  (step 3)
-//   vs_select                      vertical columns / slash lines bitmasks             (step 4)
-//   per wave of heads: pool_queries, qa_logits, qa_softmax, qa_select                  (step 5)
+//   vs_select                      vertical columns / slash distance bins bitmasks     (step 4)
+//   per wave of heads: pool_queries, qa_logits, qa_softmax, qa_radix_level (<= 6, each
+//                      many CTAs per head), qa_mark                                     (step 5)
 //   assemble                       kv_count, kv_index                                   (steps 4-7)
 #pragma once
 
@@ -27,7 +28,8 @@ constexpr int kSplitKeysMax = 1024;       // keys per CTA of the two passes
 constexpr int kSplitKeysMin = 256;        // (>= 128 so a slash distance gets <= 2 partial sums)
 constexpr int kSelectThreads = 1024;      // CTA of the radix selections
 constexpr int kAssembleRowsPerCta = 4;    // one warp per query block
-constexpr size_t kEstBudgetBytes = size_t(32) << 20;  // step-5 estimate scratch per wave
+constexpr size_t kRadixStateBytes = 64 + 3 * 2048 * 4;  // step-5 radix state + global histogram per head
+constexpr size_t kEstBudgetBytes = size_t(48) << 20;  // step-5 estimate scratch per wave (<= 64 MiB in all at 128k)
 
 inline size_t align_up(size_t x, size_t a) { return (x + a - 1) / a * a; }
 
@@ -37,18 +39,18 @@ struct SelectPlan {
   bool any_query_aware = true;  // tau > 0
   int64_t rows = 0;       // representative rows m = min(bs, Nq) (= bs on the sparse path)
   int64_t split_keys = 0, num_splits = 0;
-  int64_t min_cols = 0, max_cols = 0, min_lines = 0, max_lines = 0;
+  int64_t min_blocks = 0, max_blocks = 0;  // budgets of columns and of slash bins
   int64_t n_allowed = 0;  // causal (query block, key block) pairs of one head
   int64_t heads_per_wave = 0, waves = 0;
   double tau = 0.0;
   float scale_log2 = 0.f;
-  int64_t cols_words = 0, lines_words = 0, qa_words = 0;  // uint32 words per head
+  int64_t cols_words = 0, qa_words = 0;  // uint32 words per head (columns and bins: NBk bits)
   // Workspace offsets in bytes. Persistent buffers, then phase 1 (the two passes and the
   // vertical-slash selection) and phase 2 (the query-aware estimate), which alias.
   size_t off_pool_k = 0, off_qhat_mean = 0, off_jsd_logits = 0, off_vert = 0;
-  size_t off_cols = 0, off_lines = 0, off_qa = 0;
+  size_t off_cols = 0, off_bins = 0, off_qa = 0;
   size_t off_part_max = 0, off_part_sum = 0, off_lse2 = 0, off_slash = 0;
-  size_t off_pool_q = 0, off_est = 0;
+  size_t off_pool_q = 0, off_est = 0, off_radix = 0;
   size_t workspace_bytes = 0;
 };
 
@@ -59,14 +61,15 @@ struct SelectBuffers {
   float* jsd_logits;   // [B, Hq, NBk]
   float* vert;         // [B, Hq, NBk]   vertical mass per key block (â)
   uint32_t* cols;      // [B, Hq, cols_words]   selected key-block columns
-  uint32_t* lines;     // [B, Hq, lines_words]  selected slash distances
+  uint32_t* bins;      // [B, Hq, cols_words]   selected slash distance bins [t bs, t bs + bs)
   uint32_t* qa;        // [B, Hq, qa_words]     query-aware blocks, flat index r * NBk + c
   float* part_max;     // [B, Hq, num_splits, m]  (log2 units)
   float* part_sum;     // [B, Hq, num_splits, m]
   float* lse2;         // [B, Hq, m]             (log2 units)
-  float* slash;        // [B, Hq, Nk]            slash mass per distance
+  float* slash;        // [B, Hq, NBk]           slash mass per distance bin
   float* pool_q;       // [heads_per_wave, NBq, D]
   float* est;          // [heads_per_wave, NBq, NBk]
+  unsigned char* radix;  // [heads_per_wave, kRadixStateBytes]
 };
 
 inline SelectBuffers select_buffers(const SelectPlan& plan, void* workspace) {
@@ -74,10 +77,10 @@ inline SelectBuffers select_buffers(const SelectPlan& plan, void* workspace) {
   auto f = [&](size_t off) { return reinterpret_cast<float*>(base + off); };
   auto u = [&](size_t off) { return reinterpret_cast<uint32_t*>(base + off); };
   return SelectBuffers{f(plan.off_pool_k),   f(plan.off_qhat_mean), f(plan.off_jsd_logits),
-                       f(plan.off_vert),     u(plan.off_cols),      u(plan.off_lines),
+                       f(plan.off_vert),     u(plan.off_cols),      u(plan.off_bins),
                        u(plan.off_qa),       f(plan.off_part_max),  f(plan.off_part_sum),
                        f(plan.off_lse2),     f(plan.off_slash),     f(plan.off_pool_q),
-                       f(plan.off_est)};
+                       f(plan.off_est),       base + plan.off_radix};
 }
 
 // Causal key-block bound of query block r: hi_r // bs (reference `_block_rows`).
@@ -91,7 +94,7 @@ inline SelectPlan make_select_plan(const SelectParams& p, double gamma, double t
   const int64_t bs = p.block_size, Nq = p.seqlen_q, Nk = p.seqlen_k;
   const int64_t NBq = p.num_q_blocks, NBk = p.num_k_blocks;
   const int64_t BH = p.batch * p.heads_q;
-  plan.dense = Nq <= std::max<int64_t>(2 * bs, p.min_budget);
+  plan.dense = Nq <= std::max<int64_t>(2 * bs, p.min_budget_tokens);
   plan.keep_all = gamma >= 1.0;
   plan.any_query_aware = tau > 0.0;
   plan.tau = tau;
@@ -105,15 +108,12 @@ inline SelectPlan make_select_plan(const SelectParams& p, double gamma, double t
   plan.split_keys = split;
   plan.num_splits = cdiv(Nk, split);
 
-  plan.min_cols = std::min(cdiv(p.min_budget, bs), NBk);
-  plan.max_cols = p.max_budget < 0 ? NBk : std::min(cdiv(p.max_budget, bs), NBk);
-  plan.min_lines = std::min(p.min_budget, Nk);
-  plan.max_lines = p.max_budget < 0 ? Nk : std::min(p.max_budget, Nk);
+  plan.min_blocks = p.min_blocks;
+  plan.max_blocks = p.max_blocks;
   plan.n_allowed = 0;
   for (int64_t r = 0; r < NBq; ++r) plan.n_allowed += last_causal_block(r, Nq, Nk, bs) + 1;
 
   plan.cols_words = cdiv(NBk, 32);
-  plan.lines_words = cdiv(Nk, 32);
   plan.qa_words = cdiv(NBq * NBk, 32);
 
   const int64_t D = p.head_dim, m = plan.rows;
@@ -128,22 +128,23 @@ inline SelectPlan make_select_plan(const SelectParams& p, double gamma, double t
   plan.off_jsd_logits = take(sizeof(float) * BH * NBk);
   plan.off_vert = take(sizeof(float) * BH * NBk);
   plan.off_cols = take(sizeof(uint32_t) * BH * plan.cols_words);
-  plan.off_lines = take(sizeof(uint32_t) * BH * plan.lines_words);
+  plan.off_bins = take(sizeof(uint32_t) * BH * plan.cols_words);
   plan.off_qa = take(plan.any_query_aware ? sizeof(uint32_t) * BH * plan.qa_words : 0);
   const size_t phase_start = off;
   plan.off_part_max = take(sizeof(float) * BH * plan.num_splits * m);
   plan.off_part_sum = take(sizeof(float) * BH * plan.num_splits * m);
   plan.off_lse2 = take(sizeof(float) * BH * m);
-  plan.off_slash = take(sizeof(float) * BH * Nk);
+  plan.off_slash = take(sizeof(float) * BH * NBk);
   const size_t phase1_end = off;
 
   off = phase_start;
   if (plan.any_query_aware && !plan.keep_all) {
-    const size_t per_head = sizeof(float) * (NBq * D + NBq * NBk);
+    const size_t per_head = sizeof(float) * (NBq * D + NBq * NBk) + kRadixStateBytes;
     plan.heads_per_wave = std::max<int64_t>(1, std::min<int64_t>(BH, kEstBudgetBytes / per_head));
     plan.waves = cdiv(BH, plan.heads_per_wave);
     plan.off_pool_q = take(sizeof(float) * plan.heads_per_wave * NBq * D);
     plan.off_est = take(sizeof(float) * plan.heads_per_wave * NBq * NBk);
+    plan.off_radix = take(kRadixStateBytes * plan.heads_per_wave);
   }
   plan.workspace_bytes = std::max(off, phase1_end);
   return plan;
