@@ -5,8 +5,8 @@ causal attention (SDPA, cuDNN backend) on the same inputs, and its extra GPU mem
 
 Workloads: B=1, Hq=32, Hkv=8, bf16, block 128, gamma 0.9, tau 0.1, min_budget 1024, at
 8k / 32k / 128k / 256k tokens with D=128, and 32k with D=64 and D=256; inputs are the
-structured heads of tests/structured.py (sinks, RoPE locality, heavy hitters, topics),
-generated on the GPU, and, for comparison, Gaussian ones. Times are medians over CUDA
+structured heads of flexprefill.workloads (local, sinks and heavy hitters, topics,
+diffuse), generated on the GPU, and, for comparison, Gaussian ones. Times are medians over CUDA
 events. Extra memory = peak allocated during the op - allocated before - output bytes.
 """
 
@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 
 import torch
@@ -24,8 +23,10 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import flexprefill
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
-from structured import structured_qkv  # noqa: E402  (the project's structured workload)
+from flexprefill.workloads import structured_qkv
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import cuda_time_ms  # noqa: E402
 
 B, HQ, HKV, BS = 1, 32, 8, 128
 ARGS = dict(gamma=0.9, tau=0.1, min_budget=1024, block_size=BS)
@@ -33,22 +34,13 @@ CONFIGS = [(8192, 128), (32768, 128), (131072, 128), (262144, 128), (32768, 64),
 
 
 def median_ms(fn, reps: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    return cuda_time_ms(fn, warmup=warmup, repeats=reps)
 
 
 def inputs(n: int, d: int, structured: bool):
     if structured:
-        q, k, v = structured_qkv(B, n, n, HQ, HKV, d, dtype=torch.bfloat16, topic_len=2 * BS, device="cuda")
+        gen = torch.Generator(device="cuda").manual_seed(n + d)
+        q, k, v = structured_qkv(B, n, HQ, HKV, d, dtype=torch.bfloat16, device="cuda", generator=gen)
     else:
         q = torch.randn(B, n, HQ, d, device="cuda", dtype=torch.bfloat16)
         k = torch.randn(B, n, HKV, d, device="cuda", dtype=torch.bfloat16)

@@ -23,26 +23,35 @@ fi
 python3 -c "import torch, flexprefill as f; print(torch.cuda.get_device_name(), 'torch', torch.__version__, '| cuda head dims', f.supported_head_dims('cuda'))"
 
 step "GPU tests"
-python3 -m pytest -q -m cuda tests -x -p no:cacheprovider 2>&1 | tee "$OUT/pytest_cuda.log" | tail -15
+python3 -m pytest -q -m cuda tests -p no:cacheprovider ${PYTEST_ARGS:--n 4} 2>&1 | tee "$OUT/pytest_cuda.log" | tail -15
 [ "${PIPESTATUS[0]}" = 0 ] || status=1
 
-for s in benchmarks/sanitize_*.sh; do
+for s in benchmarks/sanitize.sh; do
+  [ "$mode" = quick ] && break
   [ -f "$s" ] || continue
   step "$s"
   bash "$s" > "$OUT/$(basename "$s" .sh).log" 2>&1 && echo "clean" || { status=1; tail -20 "$OUT/$(basename "$s" .sh).log"; }
 done
 
-quick=()
-[ "$mode" = quick ] && quick=(--quick)
-for b in bench_selection bench_attention bench_fused; do
-  [ -f "benchmarks/$b.py" ] || continue
-  step "$b"
-  python3 "benchmarks/$b.py" "${quick[@]}" --out "$OUT/$b.json" > "$OUT/$b.log" 2>&1 || { status=1; tail -30 "$OUT/$b.log"; }
-done
+# quick: the selection and end-to-end benchmarks up to 128k, the attention benchmark at
+# 32k only and without flex_attention (which compiles per shape).
+if [ "$mode" = quick ]; then
+  sel_args=(--max-n 131072); attn_args=(--lengths 32768 --extra-head-dims --no-flex); fused_args=(--quick)
+else
+  sel_args=(); attn_args=(); fused_args=()
+fi
+bench() {
+  local name=$1; shift
+  step "$name"
+  python3 "benchmarks/$name.py" "$@" --out "$OUT/$name.json" > "$OUT/$name.log" 2>&1 || { status=1; tail -30 "$OUT/$name.log"; }
+}
+bench bench_selection "${sel_args[@]}"
+bench bench_fused "${fused_args[@]}"
+bench bench_attention "${attn_args[@]}"
 
 step "summary"
-for b in bench_selection bench_attention bench_fused; do
-  [ -f "$OUT/$b.log" ] && { echo "--- $b"; sed -n '/^$/,$p' "$OUT/$b.log" | tail -25; }
+for b in bench_selection bench_fused bench_attention; do
+  [ -f "$OUT/$b.log" ] && { echo "--- $b"; tail -n 14 "$OUT/$b.log"; }
 done
 echo "gpu_check status: $status"
 exit $status

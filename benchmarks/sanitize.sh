@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # compute-sanitizer memcheck and racecheck on small block_sparse_attention cases (both
-# tile shapes, partial blocks, rows that see no key, GQA, Nq < Nk, validate=True).
+# tile shapes, partial blocks, rows that see no key, GQA, Nq < Nk, validate=True) and
+# select_blocks cases (sparse, query-aware heads over several CTAs, short inputs).
 # Fails on any reported error. Needs a GPU and flexprefill importable (PYTHONPATH).
-#   bash benchmarks/sanitize_attention.sh
+#   bash benchmarks/sanitize.sh
 set -euo pipefail
 
 # Without the caching allocator each tensor is its own cudaMalloc, so memcheck sees an
@@ -31,6 +32,12 @@ for D, bs, dtype in [(128, 128, torch.bfloat16), (128, 64, torch.float16), (max(
     out, lse = flexprefill.block_sparse_attention(q, k, v, kv_count.cuda(), kv_index.cuda(), bs, validate=True)
     torch.cuda.synchronize()
     assert torch.isfinite(out.float()).all()
+from flexprefill.workloads import structured_qkv
+for N, Hq, Hkv, D, bs, tau in [(2500, 4, 4, 64, 64, 0.5), (700, 8, 2, 128, 128, 0.1), (9000, 4, 4, 64, 64, 0.5),
+                               (100, 2, 1, 64, 64, 0.1)]:
+    q, k, _ = structured_qkv(1, N, Hq, Hkv, D, device="cuda", topic_len=2 * bs)
+    sel = flexprefill.select_blocks(q, k, gamma=0.9, tau=tau, min_budget=64, block_size=bs)
+    torch.cuda.synchronize()
 print("sanitize case done")
 PY
 )
