@@ -19,7 +19,7 @@
 #include <cstdint>
 
 #include "cuda/attention/kernel_traits.h"
-#include "cuda/attention/ptx.cuh"
+#include "cuda/ptx.cuh"
 #include "params.h"
 
 namespace flexprefill {

@@ -20,6 +20,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "cuda/selection/device_utils.cuh"
 #include "cuda/selection/select_plan.h"
@@ -73,6 +74,7 @@ __host__ __device__ inline RepSmem rep_smem_layout(int D, int m, int split_keys,
 
 template <bool kBf16, int kPass>
 __global__ void __launch_bounds__(256) rep_pass_kernel(const RepPassParams p) {
+  using Element = std::conditional_t<kBf16, __nv_bfloat16, __half>;
   extern __shared__ __align__(16) unsigned char smem[];
   const int split = blockIdx.y, b = blockIdx.z, hpc = p.heads_per_cta;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -96,7 +98,7 @@ __global__ void __launch_bounds__(256) rep_pass_kernel(const RepPassParams p) {
   const int chunks = D / 8;  // 16-byte chunks per row
   for (int idx = tid; idx < hpc * m * chunks; idx += nthreads) {  // Qs row hl * m + r: head hl, row r
     const int r = idx / chunks, c = idx - r * chunks, hl = r / m;
-    cp_async16(smem_u32(Qs + r * ld + c * 8), qg + hl * p.q_head_stride + (r - hl * m) * p.q_row_stride + c * 8,
+    cp_async_16(smem_u32(Qs + r * ld + c * 8), qg + hl * p.q_head_stride + (r - hl * m) * p.q_row_stride + c * 8,
                true);
   }
   auto load_k = [&](int tile, int buf) {
@@ -106,7 +108,7 @@ __global__ void __launch_bounds__(256) rep_pass_kernel(const RepPassParams p) {
       const int r = idx / chunks, c = idx - r * chunks;
       const int j = kt + r;
       const bool ok = j < ke;
-      cp_async16(smem_u32(dst + r * ld + c * 8), ok ? kg + static_cast<int64_t>(j) * p.k_row_stride + c * 8 : kg,
+      cp_async_16(smem_u32(dst + r * ld + c * 8), ok ? kg + static_cast<int64_t>(j) * p.k_row_stride + c * 8 : kg,
                  ok);
     }
   };
@@ -158,10 +160,10 @@ __global__ void __launch_bounds__(256) rep_pass_kernel(const RepPassParams p) {
       for (int np = 0; np < 4; ++np) {
         uint32_t bb[4];
         ldmatrix_x4(bb, k_addr + (np * 16 * ld + k0) * 2);
-        mma_16816<kBf16>(acc[0][2 * np], a0, bb[0], bb[1]);
-        mma_16816<kBf16>(acc[0][2 * np + 1], a0, bb[2], bb[3]);
-        mma_16816<kBf16>(acc[1][2 * np], a1, bb[0], bb[1]);
-        mma_16816<kBf16>(acc[1][2 * np + 1], a1, bb[2], bb[3]);
+        mma_16816<Element>(acc[0][2 * np], a0, bb[0], bb[1]);
+        mma_16816<Element>(acc[0][2 * np + 1], a0, bb[2], bb[3]);
+        mma_16816<Element>(acc[1][2 * np], a1, bb[0], bb[1]);
+        mma_16816<Element>(acc[1][2 * np + 1], a1, bb[2], bb[3]);
       }
     }
 

@@ -1,5 +1,5 @@
-// Warp-level building blocks of the portable (sm80+) attention kernel, as inline PTX:
-// cp.async 16-byte copies, ldmatrix, and the m16n8k16 tensor-core MMA.
+// Warp-level building blocks of the portable (sm80+) kernels (attention and selection), as
+// inline PTX: cp.async 16-byte copies, ldmatrix, and the m16n8k16 tensor-core MMA.
 // Framework-free: include only CUDA headers here.
 #pragma once
 
@@ -9,7 +9,6 @@
 #include <cstdint>
 
 namespace flexprefill {
-namespace attention {
 
 __device__ __forceinline__ uint32_t smem_u32(const void* ptr) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(ptr));
@@ -87,5 +86,4 @@ __device__ __forceinline__ uint32_t pack_pair<__half>(float lo, float hi) {
   return *reinterpret_cast<uint32_t*>(&v);
 }
 
-}  // namespace attention
 }  // namespace flexprefill
