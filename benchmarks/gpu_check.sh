@@ -33,10 +33,10 @@ for s in benchmarks/sanitize.sh; do
   bash "$s" > "$OUT/$(basename "$s" .sh).log" 2>&1 && echo "clean" || { status=1; tail -20 "$OUT/$(basename "$s" .sh).log"; }
 done
 
-# quick: the selection and end-to-end benchmarks up to 128k, the attention benchmark at
-# 32k only and without flex_attention (which compiles per shape).
+# quick: no sanitizer, the selection benchmark up to 128k, the attention benchmark at 32k
+# only and without flex_attention (which compiles per shape).
 if [ "$mode" = quick ]; then
-  sel_args=(--max-n 131072); attn_args=(--lengths 32768 --extra-head-dims --no-flex); fused_args=(--quick)
+  sel_args=(--max-n 131072); attn_args=(--lengths 32768 --extra-head-dims --no-flex); fused_args=()
 else
   sel_args=(); attn_args=(); fused_args=()
 fi
