@@ -285,8 +285,9 @@ def test_different_devices():
     with pytest.raises(RuntimeError, match=r"q and v must be on the same device"):
         fused(q.cuda(), k.cuda(), v)
     sel = selection(q, k)
+    qc, kc, vc = (t.cuda().bfloat16() for t in (q, k, v))  # a dtype CUDA supports
     with pytest.raises(RuntimeError, match=r"kv_count and kv_index must be on q's device"):
-        attend(q.cuda(), k.cuda(), v.cuda(), sel.kv_count, sel.kv_index)
+        attend(qc, kc, vc, sel.kv_count, sel.kv_index)
 
 
 @pytest.mark.skipif(bool(flexprefill.supported_head_dims("cuda")), reason="this build has CUDA kernels")
