@@ -284,10 +284,11 @@ def test_different_devices():
         select(q.cuda(), k)
     with pytest.raises(RuntimeError, match=r"q and v must be on the same device"):
         fused(q.cuda(), k.cuda(), v)
-    sel = selection(q, k)
-    qc, kc, vc = (t.cuda().bfloat16() for t in (q, k, v))  # a dtype CUDA supports
+    # A dtype and block size CUDA supports, so that only the selection's device is wrong.
+    sel = flexprefill.select_blocks(q, k, gamma=0.9, tau=0.1, min_budget=0, block_size=64)
+    qc, kc, vc = (t.cuda().bfloat16() for t in (q, k, v))
     with pytest.raises(RuntimeError, match=r"kv_count and kv_index must be on q's device"):
-        attend(qc, kc, vc, sel.kv_count, sel.kv_index)
+        attend(qc, kc, vc, sel.kv_count, sel.kv_index, block_size=64)
 
 
 @pytest.mark.skipif(bool(flexprefill.supported_head_dims("cuda")), reason="this build has CUDA kernels")
