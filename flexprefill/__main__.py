@@ -1,0 +1,7 @@
+"""`python -m flexprefill demo`: see flexprefill/cli.py."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

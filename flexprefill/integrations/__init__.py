@@ -1,0 +1,1 @@
+"""Integrations of flexprefill with model libraries. `hf`: Hugging Face transformers."""
