@@ -30,8 +30,9 @@ class FlexPrefillConfig:
     Attributes:
         gamma: attention mass each head keeps, in (0, 1]; 1 keeps every causal block.
         tau: JSD threshold of the pattern decision; 0 disables query-aware heads.
-        min_budget / max_budget: bounds, in tokens, on the vertical columns and slash
-            lines each head keeps (design.md §1, step 4).
+        min_budget / max_budget: bounds, in tokens, on the vertical key-block columns and
+            on the slash distance bins each head keeps; converted to ceil(tokens /
+            block_size) blocks (design.md §1, step 4).
         block_size: tokens per block; must be supported on the model's device
             (`flexprefill.supported_block_sizes(device)`).
         dense_below: a query chunk of at most this many tokens (decode steps, short

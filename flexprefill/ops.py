@@ -84,8 +84,9 @@ def select_blocks(
         gamma: attention mass to keep, in (0, 1]; 1 keeps every causal block.
         tau: JSD threshold; a head whose block estimate is within tau of the truth is
             query-aware, the others vertical-slash. 0 disables query-aware heads.
-        min_budget / max_budget: bounds, in tokens, on the vertical columns (converted
-            to blocks with `block_size`) and slash lines each head keeps.
+        min_budget / max_budget: bounds, in tokens, on the vertical key-block columns and
+            on the slash distance bins (block_size distances each) that each head keeps;
+            converted to ceil(tokens / block_size) blocks.
         block_size: tokens per block (see `supported_block_sizes`).
         softmax_scale: defaults to 1/sqrt(D).
     """
