@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -36,27 +34,14 @@ from torch.nn.attention.flex_attention import flex_attention
 import flexprefill
 from flexprefill import Selection, to_block_mask
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import cuda_time_ms  # noqa: E402
+
 
 def time_ms(fn, budget_ms: float = 400.0, max_reps: int = 30) -> float:
-    """Median of CUDA-event timings of fn(), after a warm-up call; the number of
+    """Median of CUDA-event timings of fn() after one warm-up call; the number of
     repetitions fits a time budget (at least 3)."""
-    fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    fn()
-    end.record()
-    torch.cuda.synchronize()
-    est = start.elapsed_time(end)
-    reps = max(3, min(max_reps, int(budget_ms / max(est, 1e-3))))
-    times = []
-    for _ in range(reps):
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    return cuda_time_ms(fn, warmup=1, budget_ms=budget_ms, max_repeats=max_reps)
 
 
 def flexprefill_like_selection(B, H, N, bs, density, gen):

@@ -11,20 +11,26 @@ from typing import Callable, Sequence
 import torch
 
 
-def cuda_time_ms(fn: Callable[[], object], warmup: int = 3, repeats: int = 10) -> float:
-    """Median wall time of fn() on the current CUDA stream, in milliseconds."""
+def cuda_time_ms(fn: Callable[[], object], warmup: int = 3, repeats: int = 10,
+                 budget_ms: float | None = None, max_repeats: int = 30) -> float:
+    """Median wall time of fn() on the current CUDA stream, in milliseconds. With
+    `budget_ms`, the number of repeats (3 to max_repeats) is fitted to that time budget
+    from one timed call instead of `repeats`."""
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
+
+    def once() -> float:
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         fn()
         end.record()
         end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+        return start.elapsed_time(end)
+
+    if budget_ms is not None:
+        repeats = max(3, min(max_repeats, int(budget_ms / max(once(), 1e-3))))
+    return statistics.median(once() for _ in range(repeats))
 
 
 def causal_flops(seqlen_q: int, seqlen_k: int, heads: int, head_dim: int, batch: int = 1) -> float:
