@@ -81,7 +81,7 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_attention_cpu(
           s.masked_fill_(at::arange(j0, j1, lopt).unsqueeze(0) > row_pos, kNegInf);
         }
         // Online softmax (fp32): rescale the partial sums by exp(old max - new max).
-        const at::Tensor new_max = at::maximum(row_max, std::get<0>(s.max(1)));
+        const at::Tensor new_max = at::maximum(row_max, s.amax(1));
         const at::Tensor safe_max = new_max.masked_fill(new_max == kNegInf, 0.f);
         const at::Tensor alpha = (row_max - safe_max).exp_();
         s.sub_(safe_max.unsqueeze(1)).exp_();
