@@ -35,9 +35,9 @@ CASES = [
     (1, 3000, 3000, 16, 2, 128, 64, torch.bfloat16, True, 0.8, 0.3, 128, 2048),  # GQA 8, bs 64
     (1, 200, 300, 4, 2, 64, 64, torch.bfloat16, True, 0.9, 0.1, 256, None),      # short: dense
     (1, 129, 129, 2, 1, 64, 64, torch.float16, True, 0.9, 0.1, 0, None),         # just above 2 bs
-    # NBq * NBk > 32768: the query-aware selection runs over several CTAs per head
-    (1, 16384, 16384, 4, 4, 64, 64, torch.bfloat16, True, 0.9, 0.5, 256, None),
+    # NBq * NBk = 36848 and 97969 > 16384: the query-aware selection runs on several CTAs per head
     (1, 12000, 12500, 4, 4, 128, 64, torch.float16, True, 0.999, 0.5, 64, None),
+    (1, 20000, 20000, 4, 4, 64, 64, torch.bfloat16, True, 0.9, 0.5, 256, None),
 ]
 
 

@@ -69,37 +69,50 @@ __device__ inline void radix_histogram(const float* x, uint32_t begin, uint32_t 
   const int lane = threadIdx.x & 31;
   constexpr uint32_t kNone = 0xffffffffu;
   uint32_t zeros = 0;
-  for (uint32_t base = begin + (threadIdx.x & ~31u); base < end; base += blockDim.x) {  // warp-uniform
-    const uint32_t i = base + lane;
-    uint32_t key = kNone, bits = 0;
-    if (i < end) {
-      bits = item_bits(x[i]);
-      if ((bits & pmask) == prefix) {
+  // kBatch items per lane loaded before any is processed (memory-level parallelism: the
+  // loop body holds warp-wide votes and atomics that would otherwise serialise the loads).
+  constexpr int kBatch = 8;
+  const uint32_t stride = blockDim.x;
+  for (uint32_t base = begin + (threadIdx.x & ~31u); base < end; base += kBatch * stride) {  // warp-uniform
+    uint32_t bits_b[kBatch];
+#pragma unroll
+    for (int u = 0; u < kBatch; ++u) {
+      const uint32_t i = base + u * stride + lane;
+      bits_b[u] = i < end ? item_bits(x[i]) : 0u;
+    }
+#pragma unroll
+    for (int u = 0; u < kBatch; ++u) {
+      if (base + u * stride >= end) break;  // warp-uniform
+      const uint32_t i = base + u * stride + lane;
+      uint32_t key = kNone;
+      const uint32_t bits = bits_b[u];
+      if (i < end && (bits & pmask) == prefix) {
         if (bits == 0) ++zeros;  // many exact zeros (masked entries): counted apart
         else key = (bits >> shift) & dmask;
       }
-    }
-    const uint32_t peers = __match_any_sync(0xffffffffu, key);
-    if (key == kNone) continue;
-    const bool leader = lane == __ffs(peers) - 1;
-    if (with_mass) {  // 62-bit fixed point in three 21-bit limbs: sums of 32 fit in 32 bits
-      const unsigned long long u = to_fixed(bits);
-      const uint32_t l0 = __reduce_add_sync(peers, static_cast<uint32_t>(u & 0x1fffffu));
-      const uint32_t l1 = __reduce_add_sync(peers, static_cast<uint32_t>((u >> 21) & 0x1fffffu));
-      const uint32_t l2 = __reduce_add_sync(peers, static_cast<uint32_t>(u >> 42));
-      if (leader) {
-        const unsigned long long total = static_cast<unsigned long long>(l0) +
-                                         (static_cast<unsigned long long>(l1) << 21) +
-                                         (static_cast<unsigned long long>(l2) << 42);
+      if (__ballot_sync(0xffffffffu, key != kNone) == 0u) continue;  // nothing of this warp in the prefix
+      const uint32_t peers = __match_any_sync(0xffffffffu, key);
+      if (key == kNone) continue;
+      const bool leader = lane == __ffs(peers) - 1;
+      if (with_mass) {  // 62-bit fixed point in three 21-bit limbs: sums of 32 fit in 32 bits
+        const unsigned long long uf = to_fixed(bits);
+        const uint32_t l0 = __reduce_add_sync(peers, static_cast<uint32_t>(uf & 0x1fffffu));
+        const uint32_t l1 = __reduce_add_sync(peers, static_cast<uint32_t>((uf >> 21) & 0x1fffffu));
+        const uint32_t l2 = __reduce_add_sync(peers, static_cast<uint32_t>(uf >> 42));
+        if (leader) {
+          const unsigned long long total = static_cast<unsigned long long>(l0) +
+                                           (static_cast<unsigned long long>(l1) << 21) +
+                                           (static_cast<unsigned long long>(l2) << 42);
+          atomicAdd(&sm.cnt[key], static_cast<uint32_t>(__popc(peers)));
+          const uint32_t lo = static_cast<uint32_t>(total);
+          uint32_t hi = static_cast<uint32_t>(total >> 32);
+          const uint32_t old = atomicAdd(&sm.mlo[key], lo);
+          if (old + lo < old) ++hi;  // carry out of the low word
+          if (hi) atomicAdd(&sm.mhi[key], hi);
+        }
+      } else if (leader) {
         atomicAdd(&sm.cnt[key], static_cast<uint32_t>(__popc(peers)));
-        const uint32_t lo = static_cast<uint32_t>(total);
-        uint32_t hi = static_cast<uint32_t>(total >> 32);
-        const uint32_t old = atomicAdd(&sm.mlo[key], lo);
-        if (old + lo < old) ++hi;  // carry out of the low word
-        if (hi) atomicAdd(&sm.mhi[key], hi);
       }
-    } else if (leader) {
-      atomicAdd(&sm.cnt[key], static_cast<uint32_t>(__popc(peers)));
     }
   }
   zeros = warp_sum(zeros);
@@ -138,12 +151,26 @@ __device__ inline void radix_find(bool by_mass, float gamma, uint32_t K, uint32_
     sm.warp_mass[warp] = m_scan;
   }
   __syncthreads();
-  uint32_t c_excl = c_scan - c_own;
-  unsigned long long m_excl = m_scan - m_own;
-  for (int w = 0; w < warp; ++w) {
-    c_excl += sm.warp_cnt[w];
-    m_excl += sm.warp_mass[w];
+  if (warp == 0) {  // exclusive scan of the 32 warp totals, in place
+    const uint32_t wc = sm.warp_cnt[lane];
+    const unsigned long long wm = sm.warp_mass[lane];
+    uint32_t sc = wc;
+    unsigned long long sw = wm;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+      const uint32_t cv = __shfl_up_sync(0xffffffffu, sc, o);
+      const unsigned long long mv = __shfl_up_sync(0xffffffffu, sw, o);
+      if (lane >= o) {
+        sc += cv;
+        sw += mv;
+      }
+    }
+    sm.warp_cnt[lane] = sc - wc;
+    sm.warp_mass[lane] = sw - wm;
   }
+  __syncthreads();
+  const uint32_t c_excl = c_scan - c_own + sm.warp_cnt[warp];
+  const unsigned long long m_excl = m_scan - m_own + sm.warp_mass[warp];
   // Bucket b_hi: items above = c_excl; bucket b_lo: c_excl + c_hi.
   auto reached = [&](uint32_t c, unsigned long long mass) {
     return by_mass ? fixed_to_float(above_mass + mass) >= gamma : above_cnt + c >= K;
@@ -219,11 +246,21 @@ __device__ inline void radix_mark(const float* x, uint32_t n, int mode, const Th
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const uint32_t n_round = (n + 31) / 32 * 32;
   if (mode != 2 || th.take == th.tie_cnt) {
-    for (uint32_t i = tid; i < n_round; i += blockDim.x) {
-      bool sel = false;
-      if (i < n) sel = mode == 1 || (mode == 2 && item_bits(x[i]) >= th.bits);
-      const uint32_t w = __ballot_sync(0xffffffffu, sel);
-      if (lane == 0) words[i >> 5] = w;
+    constexpr int kBatch = 8;
+    for (uint32_t i0 = tid; i0 < n_round; i0 += kBatch * blockDim.x) {  // loads first, then votes
+      bool sel[kBatch];
+#pragma unroll
+      for (int u = 0; u < kBatch; ++u) {
+        const uint32_t i = i0 + u * blockDim.x;
+        sel[u] = i < n && (mode == 1 || (mode == 2 && item_bits(x[i]) >= th.bits));
+      }
+#pragma unroll
+      for (int u = 0; u < kBatch; ++u) {
+        const uint32_t i = i0 + u * blockDim.x;
+        if (i - lane >= n_round) break;  // warp-uniform
+        const uint32_t w = __ballot_sync(0xffffffffu, sel[u]);
+        if (lane == 0) words[i >> 5] = w;
+      }
     }
     return;
   }
@@ -274,6 +311,86 @@ __device__ inline void select_top(const float* x, uint32_t n, bool use_gamma, fl
   }
   if (!(use_gamma && th.found && K == kg)) th = radix_threshold(x, n, false, 0.f, K, sm);
   radix_mark(x, n, 2, th, words, sm);
+}
+
+// ---------------------------------------------------------------------------------------
+// The same rule for short arrays (n <= kRankMax, the vertical and slash scores of one head):
+// every item's rank is counted directly (value descending, ties by lower index), the
+// sorted values are summed in the same 62-bit fixed point, and the items of rank < K are
+// marked. A handful of barriers instead of the radix descent's dozens.
+constexpr uint32_t kRankMax = 2048;
+
+struct RankSmem {
+  uint32_t bits[kRankMax];    // item bits, index order
+  uint32_t rank[kRankMax];    // item rank, index order
+  uint32_t sorted[kRankMax];  // item bits, rank order
+  unsigned long long warp_tot[32];
+  uint32_t kg;
+};
+
+__device__ inline void rank_select(const float* x, uint32_t n, bool use_gamma, float gamma, uint32_t kmin,
+                                   uint32_t kmax, uint32_t* words, RankSmem& sm) {
+  const uint32_t tid = threadIdx.x, nthreads = blockDim.x, lane = tid & 31, warp = tid >> 5;
+  __syncthreads();  // a previous call may still read sm
+  for (uint32_t i = tid; i < n; i += nthreads) sm.bits[i] = item_bits(x[i]);
+  if (tid == 0) sm.kg = n;
+  __syncthreads();
+  // tpi threads (a power of two <= 32) count the rank of one item together.
+  uint32_t tpi = 1;
+  while (tpi < 32 && tpi * 2 * n <= nthreads) tpi *= 2;
+  const uint32_t per_pass = nthreads / tpi, sub = tid % tpi;
+  for (uint32_t i0 = 0; i0 < n; i0 += per_pass) {  // uniform: every lane reaches the shuffles
+    const uint32_t i = i0 + tid / tpi;
+    uint32_t r = 0;
+    if (i < n) {
+      const uint32_t bi = sm.bits[i];
+      for (uint32_t j = sub; j < n; j += tpi) {
+        const uint32_t bj = sm.bits[j];
+        r += (bj > bi || (bj == bi && j < i)) ? 1u : 0u;
+      }
+    }
+    for (uint32_t o = 1; o < tpi; o <<= 1) r += __shfl_xor_sync(0xffffffffu, r, o);
+    if (i < n && sub == 0) {
+      sm.rank[i] = r;
+      sm.sorted[r] = sm.bits[i];
+    }
+  }
+  __syncthreads();
+  if (use_gamma) {  // kg = 1 + the first rank where the running mass reaches gamma
+    const uint32_t per = (n + nthreads - 1) / nthreads, p0 = tid * per;
+    unsigned long long local = 0;
+    for (uint32_t k = 0; k < per; ++k)
+      if (p0 + k < n) local += to_fixed(sm.sorted[p0 + k]);
+    unsigned long long scan = local;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+      const unsigned long long v = __shfl_up_sync(0xffffffffu, scan, o);
+      if (static_cast<int>(lane) >= o) scan += v;
+    }
+    if (lane == 31) sm.warp_tot[warp] = scan;
+    __syncthreads();
+    unsigned long long cum = scan - local;
+    for (uint32_t w = 0; w < warp; ++w) cum += sm.warp_tot[w];
+    for (uint32_t k = 0; k < per; ++k) {
+      if (p0 + k >= n) break;
+      cum += to_fixed(sm.sorted[p0 + k]);
+      if (fixed_to_float(cum) >= gamma) {
+        atomicMin(&sm.kg, p0 + k + 1);
+        break;
+      }
+    }
+    __syncthreads();
+  }
+  const uint32_t kg = use_gamma ? sm.kg : 0u;
+  uint32_t K = kg < kmax ? kg : kmax;
+  if (K < kmin) K = kmin;
+  if (K > n) K = n;
+  const uint32_t n_round = (n + 31) / 32 * 32;
+  for (uint32_t i = tid; i < n_round; i += nthreads) {
+    const bool sel = i < n && sm.rank[i] < K;
+    const uint32_t w = __ballot_sync(0xffffffffu, sel);
+    if (lane == 0) words[i >> 5] = w;
+  }
 }
 
 }  // namespace selection

@@ -29,8 +29,8 @@ bool rows_16b_aligned(const at::Tensor& t) {
          t.stride(2) % 8 == 0;
 }
 
-selection::RepPassParams rep_params(const SelectParams& p, const SelectPlan& plan, const SelectBuffers& w) {
-  selection::RepPassParams r{};
+selection::RepParams rep_params(const SelectParams& p, const SelectPlan& plan, const SelectBuffers& w) {
+  selection::RepParams r{};
   r.q = static_cast<const uint16_t*>(p.q);
   r.k = static_cast<const uint16_t*>(p.k);
   r.q_batch_stride = p.q_batch_stride; r.q_row_stride = p.q_row_stride; r.q_head_stride = p.q_head_stride;
@@ -39,41 +39,31 @@ selection::RepPassParams rep_params(const SelectParams& p, const SelectPlan& pla
   r.seqlen_k = static_cast<int>(p.seqlen_k);
   r.heads_q = static_cast<int>(p.heads_q);
   r.heads_kv = static_cast<int>(p.heads_kv);
-  r.head_dim = static_cast<int>(p.head_dim);
   r.rows = static_cast<int>(plan.rows);
   r.block_size = static_cast<int>(p.block_size);
   r.split_keys = static_cast<int>(plan.split_keys);
   r.num_splits = static_cast<int>(plan.num_splits);
   r.num_k_blocks = static_cast<int>(p.num_k_blocks);
   r.scale_log2 = plan.scale_log2;
-  r.part_max = w.part_max;
+  r.rec = w.rec;
+  r.part_ref = w.part_ref;
   r.part_sum = w.part_sum;
-  r.lse2 = w.lse2;
-  r.vert = w.vert;
-  r.slash = w.slash;
+  r.pool_k = w.pool_k;
+  r.qhat_mean = w.qhat_mean;
+  const int max_smem = static_cast<int>(at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin);
+  r.heads_per_cta = selection::rep_heads_per_cta(static_cast<int>(p.head_dim), r.rows,
+                                                 static_cast<int>(p.heads_q / p.heads_kv), max_smem);
   return r;
 }
 
-// Steps 1-3 into the workspace: vertical / slash scores, lse2, query_aware (p.query_aware).
+// Steps 1-4 into the workspace: records, pool(K), mean(Q̂), then lse2, vertical / slash
+// mass, query_aware (p.query_aware) and the vertical-slash bitmasks.
 void launch_scores(const SelectParams& p, const SelectPlan& plan, const SelectBuffers& w, cudaStream_t stream) {
   using namespace selection;
-  C10_CUDA_CHECK(cudaMemsetAsync(w.slash, 0, sizeof(float) * p.batch * p.heads_q * p.num_k_blocks, stream));
-  C10_CUDA_CHECK(launch_pool_keys(p, w.pool_k, stream));
+  const RepParams rp = rep_params(p, plan, w);
+  C10_CUDA_CHECK(launch_rep_any(rp, static_cast<int>(p.batch), p.is_bf16, static_cast<int>(p.head_dim), stream));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  C10_CUDA_CHECK(launch_qhat_mean(p, plan, w.qhat_mean, stream));
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  RepPassParams rp = rep_params(p, plan, w);
-  const int group = static_cast<int>(p.heads_q / p.heads_kv);
-  const int max_smem = static_cast<int>(at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin);
-  rp.heads_per_cta = rep_heads_per_cta(rp.head_dim, rp.rows, rp.split_keys, 1, group, max_smem);
-  C10_CUDA_CHECK(launch_rep_pass_any(rp, static_cast<int>(p.batch), p.is_bf16, 1, stream));
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  C10_CUDA_CHECK(launch_lse_combine(p, plan, w, stream));
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  rp.heads_per_cta = rep_heads_per_cta(rp.head_dim, rp.rows, rp.split_keys, 2, group, max_smem);
-  C10_CUDA_CHECK(launch_rep_pass_any(rp, static_cast<int>(p.batch), p.is_bf16, 2, stream));
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  C10_CUDA_CHECK(launch_jsd(p, plan, w, stream));
+  C10_CUDA_CHECK(launch_finish(p, plan, w, stream));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -124,29 +114,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> select_blocks_cuda(const at::Tens
   const SelectBuffers w = selection::select_buffers(plan, workspace.data_ptr());
   launch_scores(p, plan, w, stream);
 
-  if (!plan.keep_all) {
-    C10_CUDA_CHECK(selection::launch_vs_select(p, plan, w, stream));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    if (plan.any_query_aware) {
-      C10_CUDA_CHECK(cudaMemsetAsync(w.qa, 0, sizeof(uint32_t) * B * Hq * plan.qa_words, stream));
-      for (int64_t wave = 0; wave < plan.waves; ++wave) {
-        const int64_t head0 = wave * plan.heads_per_wave;
-        C10_CUDA_CHECK(selection::launch_pool_queries(p, plan, w, head0, stream));
+  if (!plan.keep_all && plan.any_query_aware) {
+    const bool small = p.num_q_blocks * p.num_k_blocks <= selection::kQaSmallMax;
+    if (!small) C10_CUDA_CHECK(cudaMemsetAsync(w.qa, 0, sizeof(uint32_t) * B * Hq * plan.qa_words, stream));
+    for (int64_t wave = 0; wave < plan.waves; ++wave) {
+      const int64_t head0 = wave * plan.heads_per_wave;
+      C10_CUDA_CHECK(selection::launch_pool_queries(p, plan, w, head0, stream));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      C10_CUDA_CHECK(selection::launch_qa_logits(p, plan, w, head0, stream));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      C10_CUDA_CHECK(selection::launch_qa_softmax(p, plan, w, head0, stream));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      if (small) {  // one CTA per head; it also zeroes the words of the other heads
+        C10_CUDA_CHECK(selection::launch_qa_select_small(p, plan, w, head0, stream));
         C10_CUDA_KERNEL_LAUNCH_CHECK();
-        C10_CUDA_CHECK(selection::launch_qa_logits(p, plan, w, head0, stream));
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-        C10_CUDA_CHECK(selection::launch_qa_softmax(p, plan, w, head0, stream));
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-        C10_CUDA_CHECK(cudaMemsetAsync(w.radix, 0, selection::kRadixStateBytes * plan.heads_per_wave, stream));
-        for (uint32_t mode : {selection::kModeMass, selection::kModeCount}) {
-          for (int level = 0; level < 3; ++level) {
-            C10_CUDA_CHECK(selection::launch_qa_radix_level(p, plan, w, head0, level, mode, stream));
-            C10_CUDA_KERNEL_LAUNCH_CHECK();
-          }
-        }
-        C10_CUDA_CHECK(selection::launch_qa_mark(p, plan, w, head0, stream));
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        continue;
       }
+      C10_CUDA_CHECK(cudaMemsetAsync(w.radix, 0, selection::kRadixStateBytes * plan.heads_per_wave, stream));
+      for (uint32_t mode : {selection::kModeMass, selection::kModeCount}) {
+        for (int level = 0; level < 3; ++level) {
+          C10_CUDA_CHECK(selection::launch_qa_radix_level(p, plan, w, head0, level, mode, stream));
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        }
+      }
+      C10_CUDA_CHECK(selection::launch_qa_mark(p, plan, w, head0, stream));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   }
   C10_CUDA_CHECK(selection::launch_assemble(p, plan, &w, plan.keep_all, stream));

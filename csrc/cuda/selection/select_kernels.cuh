@@ -62,57 +62,147 @@ __device__ __forceinline__ void mean_rows(const uint16_t* x, int64_t row_stride,
   }
 }
 
-// pool(K) [B, Hkv, NBk, D]. grid (NBk, Hkv, B).
-__global__ void pool_keys_kernel(const SelectParams p, float* pool_k) {
-  const int64_t c = blockIdx.x, hk = blockIdx.y, b = blockIdx.z;
-  const int64_t bs = p.block_size, row0 = c * bs;
-  const int64_t count = (row0 + bs < p.seqlen_k ? row0 + bs : p.seqlen_k) - row0;
-  const auto* k = static_cast<const uint16_t*>(p.k) + b * p.k_batch_stride + hk * p.k_head_stride;
-  mean_rows(k, p.k_row_stride, row0, count, static_cast<int>(p.head_dim), p.is_bf16,
-            pool_k + ((b * p.heads_kv + hk) * p.num_k_blocks + c) * p.head_dim);
-}
-
-// mean(Q̂) [B, Hq, D] over the last m rows. grid (Hq, B).
-__global__ void qhat_mean_kernel(const SelectParams p, int64_t m, float* qhat_mean) {
-  const int64_t h = blockIdx.x, b = blockIdx.y;
-  const auto* q = static_cast<const uint16_t*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride;
-  mean_rows(q, p.q_row_stride, p.seqlen_q - m, m, static_cast<int>(p.head_dim), p.is_bf16,
-            qhat_mean + (b * p.heads_q + h) * p.head_dim);
-}
-
-// lse2 [B, Hq, m] = log2 sum_splits part_sum * 2^(part_max - M) + M.
-__global__ void lse_combine_kernel(const float* part_max, const float* part_sum, int64_t rows_total, int64_t m,
-                                   int64_t splits, float* lse2) {
-  const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (idx >= rows_total) return;
-  const int64_t head = idx / m, i = idx - head * m;
-  const float* pm = part_max + head * splits * m + i;
-  const float* ps = part_sum + head * splits * m + i;
-  float M = -INFINITY;
-  for (int64_t s = 0; s < splits; ++s) M = fmaxf(M, pm[s * m]);
-  float S = 0.f;
-  for (int64_t s = 0; s < splits; ++s)
-    if (pm[s * m] != -INFINITY) S += ps[s * m] * exp2f(pm[s * m] - M);
-  lse2[idx] = M + log2f(S);
-}
-
-// Step 3: query_aware[b, h] = sqrt(JSD(softmax(s pool(K) mean(Q̂)) || â)) < tau. grid (Hq, B),
-// 256 threads. The softmax and the divergence are evaluated in double.
-__global__ void jsd_kernel(const SelectParams p, const SelectPlan plan, const float* pool_k, const float* qhat_mean,
-                           const float* vert, float* logits, bool* query_aware) {
+// Steps 1-4 from the rep kernel's records, one CTA per head (grid B * Hq, kSelectThreads):
+//   (a) the row LSE, lse2 [B, Hq, m] (log2 units);
+//   (b) per key block c the mass counted in H and in L, apart for the rows whose position
+//       is in block q0 = floor(P0 / bs) (F = 0) and in block q0 + 1 (F = 1): abcd[c] =
+//       (H F=0, H F=1, L F=0, L F=1); vertical mass vert[c] = their sum / m;
+//   (c) slash bin t: keys of block c seen from a row with F in bin q0 + F - c (H) and the bin
+//       below (L): slash[t] = (A[q0-t] + B[q0+1-t] + C[q0-t-1] + D[q0-t]) / m;
+//   (d) step 3: query_aware = sqrt(JSD(softmax(s pool(K) mean(Q̂)) || vert)) < tau (double);
+//   (e) step 4: the vertical columns and slash bins (query-aware heads: the min-budget ones).
+// Every sum runs in a fixed order: the result is deterministic.
+__global__ void __launch_bounds__(kSelectThreads) finish_kernel(const SelectParams p, const SelectPlan plan,
+                                                                const SelectBuffers w) {
+  __shared__ union SelSmem {
+    RadixSmem radix;
+    RankSmem rank;
+  } sel;
+  __shared__ float part_m[kSelectThreads], part_s[kSelectThreads];
+  __shared__ float lse_s[128];
   __shared__ float qm[256];
   __shared__ double red_d[32];
   __shared__ float red_f[32];
-  const int64_t h = blockIdx.x, b = blockIdx.y;
-  const int64_t head = b * p.heads_q + h, hk = h / (p.heads_q / p.heads_kv);
-  const int D = static_cast<int>(p.head_dim);
-  const int64_t NBk = p.num_k_blocks;
-  for (int d = threadIdx.x; d < D; d += blockDim.x) qm[d] = qhat_mean[head * D + d];
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, nthreads = blockDim.x;
+  const int64_t head = blockIdx.x, b = head / p.heads_q, h = head - b * p.heads_q;
+  const int64_t hk = h / (p.heads_q / p.heads_kv);
+  const int m = static_cast<int>(plan.rows), D = static_cast<int>(p.head_dim);
+  const int64_t NBk = p.num_k_blocks, bs = p.block_size;
+  const float* rec = w.rec + head * NBk * 3 * m;
+
+  // (a) thread -> row i = tid % m, splits cg, cg + ncg, ...; online max / sum of the
+  // per-split (reference, sum) pairs of the rep kernel.
+  {
+    const int i = tid % m, cg = tid / m, ncg = nthreads / m;
+    const int64_t S = plan.num_splits;
+    const float* pr = w.part_ref + head * S * m + i;
+    const float* ps = w.part_sum + head * S * m + i;
+    float mx = -INFINITY, sum = 0.f;
+#pragma unroll 4
+    for (int64_t sp = cg; sp < S; sp += ncg) {
+      const float M = pr[sp * m], T = ps[sp * m];
+      if (T > 0.f) {
+        if (M > mx) {
+          sum = sum * exp2f(mx - M) + T;
+          mx = M;
+        } else {
+          sum += T * exp2f(M - mx);
+        }
+      }
+    }
+    part_m[tid] = mx;
+    part_s[tid] = sum;
+    __syncthreads();
+    if (tid < m) {
+      float M = -INFINITY, T = 0.f;
+      for (int g = 0; g < ncg; ++g) {
+        const float gm = part_m[g * m + tid], gs = part_s[g * m + tid];
+        if (gs > 0.f) {
+          if (gm > M) {
+            T = T * exp2f(M - gm) + gs;
+            M = gm;
+          } else {
+            T += gs * exp2f(gm - M);
+          }
+        }
+      }
+      const float l = M + log2f(T);  // every row sees key 0: T > 0
+      lse_s[tid] = l;
+      w.lse2[head * m + tid] = l;
+    }
+    for (int d = tid; d < D; d += nthreads) qm[d] = w.qhat_mean[head * D + d];
+    __syncthreads();
+  }
+
+  // (b) half warp -> key block; lane -> rows hl, hl + 16, ... (all loads issued first).
+  const int64_t P0 = p.seqlen_k - m, q0 = P0 / bs;
+  const float inv_m = 1.f / static_cast<float>(m);  // m is a power of two: exact
+  float4* abcd = reinterpret_cast<float4*>(w.abcd) + head * NBk;
+  float* vert = w.vert + head * NBk;
+  {
+    const int half = lane >> 4, hl = lane & 15;
+    for (int64_t cb = 2 * warp; cb < NBk; cb += 2 * (nthreads / 32)) {
+      const int64_t c = cb + half;
+      float a0 = 0.f, a1 = 0.f, l0 = 0.f, l1 = 0.f;
+      if (c < NBk) {
+        const float* r = rec + c * 3 * m;
+        float rm[8], rh[8], rl[8];
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+          const int i = hl + 16 * j;
+          if (i < m) {
+            rm[j] = r[i];
+            rh[j] = r[m + i];
+            rl[j] = r[2 * m + i];
+          }
+        }
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+          const int i = hl + 16 * j;
+          if (i < m) {
+            const float e = exp2f(rm[j] - lse_s[i]);
+            const float wh = rh[j] * e, wl = rl[j] * e;
+            if ((P0 + i) / bs > q0) {
+              a1 += wh;
+              l1 += wl;
+            } else {
+              a0 += wh;
+              l0 += wl;
+            }
+          }
+        }
+      }
+#pragma unroll
+      for (int o = 8; o >= 1; o >>= 1) {
+        a0 += __shfl_xor_sync(0xffffffffu, a0, o);
+        a1 += __shfl_xor_sync(0xffffffffu, a1, o);
+        l0 += __shfl_xor_sync(0xffffffffu, l0, o);
+        l1 += __shfl_xor_sync(0xffffffffu, l1, o);
+      }
+      if (hl == 0 && c < NBk) {
+        abcd[c] = make_float4(a0, a1, l0, l1);
+        vert[c] = ((a0 + a1) + (l0 + l1)) * inv_m;
+      }
+    }
+  }
   __syncthreads();
-  const float* pk = pool_k + (b * p.heads_kv + hk) * NBk * D;
-  float* x = logits + head * NBk;
+
+  // (c)
+  float* slash = w.slash + head * NBk;
+  for (int64_t t = tid; t < NBk; t += nthreads) {
+    float s = 0.f;
+    if (q0 - t >= 0 && q0 - t < NBk) s += abcd[q0 - t].x;
+    if (q0 + 1 - t >= 0 && q0 + 1 - t < NBk) s += abcd[q0 + 1 - t].y;
+    if (q0 - t - 1 >= 0 && q0 - t - 1 < NBk) s += abcd[q0 - t - 1].z;
+    if (q0 - t >= 0 && q0 - t < NBk) s += abcd[q0 - t].w;
+    slash[t] = s * inv_m;
+  }
+
+  // (d) one key block per thread: rows in flight.
+  const float* pk = w.pool_k + (b * p.heads_kv + hk) * NBk * D;
+  float* x = w.jsd_logits + head * NBk;
   float mx = -INFINITY;
-  for (int64_t c = threadIdx.x; c < NBk; c += blockDim.x) {  // one key block per thread: rows in flight
+  for (int64_t c = tid; c < NBk; c += nthreads) {
     const float4* row = reinterpret_cast<const float4*>(pk + c * D);
     float s = 0.f;
     for (int d4 = 0; d4 < D / 4; ++d4) {
@@ -123,38 +213,38 @@ __global__ void jsd_kernel(const SelectParams p, const SelectPlan plan, const fl
     x[c] = s;
     mx = fmaxf(mx, s);
   }
-  mx = block_max(mx, red_f);  // also orders the x[] writes before the reads below
+  mx = block_max(mx, red_f);  // also orders the x[], vert[], slash[] writes before the reads below
   double z = 0.0;
-  for (int64_t c = threadIdx.x; c < NBk; c += blockDim.x) z += exp(static_cast<double>(x[c]) - mx);
+  for (int64_t c = tid; c < NBk; c += nthreads) z += exp(static_cast<double>(x[c]) - mx);
   z = block_sum(z, red_d);
   double jsd = 0.0;
   const double eps = static_cast<double>(kJsdEps);
-  const float* tv = vert + head * NBk;
-  for (int64_t c = threadIdx.x; c < NBk; c += blockDim.x) {
+  for (int64_t c = tid; c < NBk; c += nthreads) {
     double pe = exp(static_cast<double>(x[c]) - mx) / z;
-    double pt = static_cast<double>(tv[c]);
+    double pt = static_cast<double>(vert[c]);
     pe = pe > eps ? pe : eps;
     pt = pt > eps ? pt : eps;
     const double mid = 0.5 * (pe + pt);
     jsd += 0.5 * pe * log(pe / mid) + 0.5 * pt * log(pt / mid);
   }
-  jsd = block_sum(jsd, red_d);
-  if (threadIdx.x == 0) query_aware[head] = sqrt(jsd > 0.0 ? jsd : 0.0) < plan.tau;
-}
+  jsd = block_sum(jsd, red_d);  // every thread gets the same value
+  const bool query_aware = sqrt(jsd > 0.0 ? jsd : 0.0) < plan.tau;
+  if (tid == 0) p.query_aware[head] = query_aware;
+  if (plan.keep_all) return;
 
-// Step 4: vertical columns (blockIdx.y == 0) and slash distance bins (1) of every head;
-// query-aware heads keep only the min-budget ones (the reference's vertical_slash(None)).
-__global__ void __launch_bounds__(kSelectThreads) vs_select_kernel(const SelectParams p, const SelectPlan plan,
-                                                                   const float* vert, const float* slash,
-                                                                   const bool* query_aware, uint32_t* cols,
-                                                                   uint32_t* bins) {
-  __shared__ RadixSmem sm;
-  const int64_t head = blockIdx.x;
-  const bool use_gamma = !query_aware[head];
-  const float* scores = (blockIdx.y == 0 ? vert : slash) + head * p.num_k_blocks;
-  uint32_t* words = (blockIdx.y == 0 ? cols : bins) + head * plan.cols_words;
-  select_top(scores, static_cast<uint32_t>(p.num_k_blocks), use_gamma, p.gamma,
-             static_cast<uint32_t>(plan.min_blocks), static_cast<uint32_t>(plan.max_blocks), words, sm);
+  // (e)
+  const uint32_t n = static_cast<uint32_t>(NBk), kmin = static_cast<uint32_t>(plan.min_blocks),
+                 kmax = static_cast<uint32_t>(plan.max_blocks);
+  uint32_t* cols = w.cols + head * plan.cols_words;
+  uint32_t* bins = w.bins + head * plan.cols_words;
+  if (n <= kRankMax) {
+    rank_select(vert, n, !query_aware, p.gamma, kmin, kmax, cols, sel.rank);
+    rank_select(slash, n, !query_aware, p.gamma, kmin, kmax, bins, sel.rank);
+  } else {
+    select_top(vert, n, !query_aware, p.gamma, kmin, kmax, cols, sel.radix);
+    __syncthreads();
+    select_top(slash, n, !query_aware, p.gamma, kmin, kmax, bins, sel.radix);
+  }
 }
 
 // Step 5, per wave of heads [head0, head0 + heads_per_wave): pool(Q) of the query-aware ones.
@@ -171,30 +261,32 @@ __global__ void pool_queries_kernel(const SelectParams p, const SelectPlan plan,
             pool_q + (hw * p.num_q_blocks + r) * p.head_dim);
 }
 
-// est[hw, r, c] = s pool(Q)[r] . pool(K)[c] for causal blocks, fp32 (64 x 64 tile per CTA,
-// 256 threads, 4 x 4 outputs each). grid (ceil(NBk/64), ceil(NBq/64), heads_per_wave).
+// est[hw, r, c] = s pool(Q)[r] . pool(K)[c] for causal blocks, fp32 (kT x kT tile per CTA,
+// 256 threads, kT/16 x kT/16 outputs each). grid (ceil(NBk/kT), ceil(NBq/kT), heads_per_wave).
+template <int kT>
 __global__ void __launch_bounds__(256) qa_logits_kernel(const SelectParams p, int64_t head0,
                                                         const bool* query_aware, const float* pool_q,
                                                         const float* pool_k, float* est) {
-  __shared__ float As[32][65];
-  __shared__ float Bs[32][65];
+  constexpr int kPer = kT / 16;  // outputs per thread along each dim
+  __shared__ float As[32][kT + 1];
+  __shared__ float Bs[32][kT + 1];
   const int64_t hw = blockIdx.z, head = head0 + hw;
   if (head >= p.batch * p.heads_q || !query_aware[head]) return;
   const int64_t b = head / p.heads_q, h = head - b * p.heads_q, hk = h / (p.heads_q / p.heads_kv);
   const int64_t NBq = p.num_q_blocks, NBk = p.num_k_blocks, D = p.head_dim;
-  const int64_t r0 = static_cast<int64_t>(blockIdx.y) * 64, c0 = static_cast<int64_t>(blockIdx.x) * 64;
-  const int64_t r_last = r0 + 63 < NBq - 1 ? r0 + 63 : NBq - 1;
+  const int64_t r0 = static_cast<int64_t>(blockIdx.y) * kT, c0 = static_cast<int64_t>(blockIdx.x) * kT;
+  const int64_t r_last = r0 + kT - 1 < NBq - 1 ? r0 + kT - 1 : NBq - 1;
   if (c0 > last_causal_block_dev(r_last, p.seqlen_q, p.seqlen_k, p.block_size)) return;
   const int tx = threadIdx.x & 15, ty = threadIdx.x >> 4;
   const float* pq = pool_q + hw * NBq * D;
   const float* pk = pool_k + (b * p.heads_kv + hk) * NBk * D;
-  float acc[4][4];
+  float acc[kPer][kPer];
 #pragma unroll
-  for (int i = 0; i < 4; ++i)
+  for (int i = 0; i < kPer; ++i)
 #pragma unroll
-    for (int j = 0; j < 4; ++j) acc[i][j] = 0.f;
+    for (int j = 0; j < kPer; ++j) acc[i][j] = 0.f;
   for (int64_t d0 = 0; d0 < D; d0 += 32) {
-    for (int idx = threadIdx.x; idx < 64 * 32; idx += blockDim.x) {
+    for (int idx = threadIdx.x; idx < kT * 32; idx += blockDim.x) {
       const int rr = idx >> 5, dd = idx & 31;
       const int64_t r = r0 + rr, c = c0 + rr, d = d0 + dd;
       As[dd][rr] = (r < NBq && d < D) ? pq[r * D + d] : 0.f;
@@ -203,25 +295,25 @@ __global__ void __launch_bounds__(256) qa_logits_kernel(const SelectParams p, in
     __syncthreads();
 #pragma unroll 8
     for (int dd = 0; dd < 32; ++dd) {
-      float a[4], bb[4];
+      float a[kPer], bb[kPer];
 #pragma unroll
-      for (int i = 0; i < 4; ++i) a[i] = As[dd][ty + 16 * i];
+      for (int i = 0; i < kPer; ++i) a[i] = As[dd][ty + 16 * i];
 #pragma unroll
-      for (int j = 0; j < 4; ++j) bb[j] = Bs[dd][tx + 16 * j];
+      for (int j = 0; j < kPer; ++j) bb[j] = Bs[dd][tx + 16 * j];
 #pragma unroll
-      for (int i = 0; i < 4; ++i)
+      for (int i = 0; i < kPer; ++i)
 #pragma unroll
-        for (int j = 0; j < 4; ++j) acc[i][j] = fmaf(a[i], bb[j], acc[i][j]);
+        for (int j = 0; j < kPer; ++j) acc[i][j] = fmaf(a[i], bb[j], acc[i][j]);
     }
     __syncthreads();
   }
 #pragma unroll
-  for (int i = 0; i < 4; ++i) {
+  for (int i = 0; i < kPer; ++i) {
     const int64_t r = r0 + ty + 16 * i;
     if (r >= NBq) continue;
     const int64_t chi = last_causal_block_dev(r, p.seqlen_q, p.seqlen_k, p.block_size);
 #pragma unroll
-    for (int j = 0; j < 4; ++j) {
+    for (int j = 0; j < kPer; ++j) {
       const int64_t c = c0 + tx + 16 * j;
       if (c <= chi) est[(hw * NBq + r) * NBk + c] = acc[i][j] * p.softmax_scale;
     }
@@ -249,6 +341,26 @@ __global__ void qa_softmax_kernel(const SelectParams p, int64_t head0, const boo
     x[c] = c <= chi ? static_cast<float>(exp(static_cast<double>(x[c]) - mx) * norm) : 0.f;
 }
 
+// The fewest estimated blocks reaching gamma (at most the causal ones) of one head by one
+// CTA, when NBq * NBk <= kQaSmallMax; heads that are not query-aware get zero words.
+// grid (heads_per_wave), kSelectThreads threads.
+__global__ void __launch_bounds__(kSelectThreads) qa_select_small_kernel(const SelectParams p, const SelectPlan plan,
+                                                                         int64_t head0, const bool* query_aware,
+                                                                         const float* est, uint32_t* qa) {
+  __shared__ RadixSmem sm;
+  const int64_t hw = blockIdx.x, head = head0 + hw;
+  if (head >= p.batch * p.heads_q) return;
+  uint32_t* words = qa + head * plan.qa_words;
+  if (!query_aware[head]) {
+    for (int64_t i = threadIdx.x; i < plan.qa_words; i += blockDim.x) words[i] = 0u;
+    return;
+  }
+  const uint32_t n = static_cast<uint32_t>(p.num_q_blocks * p.num_k_blocks);
+  select_top(est + hw * static_cast<int64_t>(n), n, true, p.gamma, 0u, static_cast<uint32_t>(plan.n_allowed),
+             words, sm);
+}
+
+// Larger estimates: many CTAs per head.
 // The fewest estimated blocks reaching gamma (at most the causal ones), over the
 // NBq * NBk flattened estimate of each head, by many CTAs per head: one launch per radix
 // level (first by mass, then -- only when the budget cuts -- by count); every CTA adds its
@@ -263,7 +375,6 @@ struct GridRadixState {
   uint32_t thr_bits, tie_cnt, take, tickets;
 };
 constexpr uint32_t kModeMass = 0, kModeCount = 1, kModeDone = 2;
-constexpr uint32_t kGridChunk = 32768;  // estimate entries per CTA
 
 __device__ __forceinline__ GridRadixState* radix_state(unsigned char* ws, int64_t hw) {
   return reinterpret_cast<GridRadixState*>(ws + hw * kRadixStateBytes);
@@ -272,7 +383,7 @@ __device__ __forceinline__ uint32_t* radix_global_hist(unsigned char* ws, int64_
   return reinterpret_cast<uint32_t*>(ws + hw * kRadixStateBytes + 64);
 }
 
-// grid (ceil(n / kGridChunk), heads_per_wave), kSelectThreads threads.
+// grid (ceil(n / plan.qa_chunk), heads_per_wave), kSelectThreads threads.
 __global__ void __launch_bounds__(kSelectThreads) qa_radix_level_kernel(const SelectParams p, const SelectPlan plan,
                                                                         int64_t head0, const bool* query_aware,
                                                                         const float* est, unsigned char* ws,
@@ -288,7 +399,8 @@ __global__ void __launch_bounds__(kSelectThreads) qa_radix_level_kernel(const Se
   const uint32_t mode = st->mode;
   if (mode != want_mode) return;
   const uint32_t n = static_cast<uint32_t>(p.num_q_blocks * p.num_k_blocks);
-  const uint32_t begin = blockIdx.x * kGridChunk, end = min(begin + kGridChunk, n);
+  const uint32_t chunk = static_cast<uint32_t>(plan.qa_chunk);
+  const uint32_t begin = blockIdx.x * chunk, end = min(begin + chunk, n);
   const float* x = est + hw * static_cast<int64_t>(n);
   const bool by_mass = mode == kModeMass;
   radix_histogram(x, begin, end, st->prefix, st->pmask, kShift[level], kMask[level], by_mass, sm);
@@ -357,7 +469,7 @@ __global__ void __launch_bounds__(kSelectThreads) qa_radix_level_kernel(const Se
   start_count(n_allowed);
 }
 
-// Bitmask of the selection. grid (ceil(n / kGridChunk), heads_per_wave), kSelectThreads.
+// Bitmask of the selection. grid (ceil(n / plan.qa_chunk), heads_per_wave), kSelectThreads.
 __global__ void __launch_bounds__(kSelectThreads) qa_mark_kernel(const SelectParams p, const SelectPlan plan,
                                                                  int64_t head0, const bool* query_aware,
                                                                  const float* est, unsigned char* ws, uint32_t* qa) {
@@ -373,7 +485,8 @@ __global__ void __launch_bounds__(kSelectThreads) qa_mark_kernel(const SelectPar
     if (blockIdx.x == 0) radix_mark(x, n, 2, Threshold{true, thr, 0, tie, take}, words, sm);
     return;
   }
-  const uint32_t begin = blockIdx.x * kGridChunk, end = min(begin + kGridChunk, n);
+  const uint32_t chunk = static_cast<uint32_t>(plan.qa_chunk);
+  const uint32_t begin = blockIdx.x * chunk, end = min(begin + chunk, n);
   const uint32_t end_round = (end + 31) / 32 * 32;
   const int lane = threadIdx.x & 31;
   for (uint32_t base = begin + (threadIdx.x & ~31u); base < end_round; base += blockDim.x) {
@@ -444,31 +557,9 @@ __global__ void assemble_kernel(const SelectParams p, const SelectPlan plan, con
 // ---------------------------------------------------------------------------------------
 // Launchers.
 
-inline cudaError_t launch_pool_keys(const SelectParams& p, float* pool_k, cudaStream_t s) {
-  pool_keys_kernel<<<dim3(p.num_k_blocks, p.heads_kv, p.batch), kPoolThreads, 0, s>>>(p, pool_k);
-  return cudaGetLastError();
-}
-inline cudaError_t launch_qhat_mean(const SelectParams& p, const SelectPlan& plan, float* out, cudaStream_t s) {
-  qhat_mean_kernel<<<dim3(p.heads_q, p.batch), kPoolThreads, 0, s>>>(p, plan.rows, out);
-  return cudaGetLastError();
-}
-inline cudaError_t launch_lse_combine(const SelectParams& p, const SelectPlan& plan, const SelectBuffers& w,
-                                      cudaStream_t s) {
-  const int64_t total = p.batch * p.heads_q * plan.rows;
-  lse_combine_kernel<<<(total + 255) / 256, 256, 0, s>>>(w.part_max, w.part_sum, total, plan.rows,
-                                                          plan.num_splits, w.lse2);
-  return cudaGetLastError();
-}
-inline cudaError_t launch_jsd(const SelectParams& p, const SelectPlan& plan, const SelectBuffers& w,
-                              cudaStream_t s) {
-  jsd_kernel<<<dim3(p.heads_q, p.batch), 256, 0, s>>>(p, plan, w.pool_k, w.qhat_mean, w.vert, w.jsd_logits,
-                                                       p.query_aware);
-  return cudaGetLastError();
-}
-inline cudaError_t launch_vs_select(const SelectParams& p, const SelectPlan& plan, const SelectBuffers& w,
-                                    cudaStream_t s) {
-  vs_select_kernel<<<dim3(p.batch * p.heads_q, 2), kSelectThreads, 0, s>>>(p, plan, w.vert, w.slash,
-                                                                            p.query_aware, w.cols, w.bins);
+inline cudaError_t launch_finish(const SelectParams& p, const SelectPlan& plan, const SelectBuffers& w,
+                                 cudaStream_t s) {
+  finish_kernel<<<p.batch * p.heads_q, kSelectThreads, 0, s>>>(p, plan, w);
   return cudaGetLastError();
 }
 inline cudaError_t launch_pool_queries(const SelectParams& p, const SelectPlan& plan, const SelectBuffers& w,
@@ -479,8 +570,13 @@ inline cudaError_t launch_pool_queries(const SelectParams& p, const SelectPlan& 
 }
 inline cudaError_t launch_qa_logits(const SelectParams& p, const SelectPlan& plan, const SelectBuffers& w,
                                     int64_t head0, cudaStream_t s) {
-  dim3 grid((p.num_k_blocks + 63) / 64, (p.num_q_blocks + 63) / 64, plan.heads_per_wave);
-  qa_logits_kernel<<<grid, 256, 0, s>>>(p, head0, p.query_aware, w.pool_q, w.pool_k, w.est);
+  if (p.num_q_blocks * p.num_k_blocks <= kQaSmallMax) {  // small estimates: more, smaller tiles
+    dim3 grid((p.num_k_blocks + 31) / 32, (p.num_q_blocks + 31) / 32, plan.heads_per_wave);
+    qa_logits_kernel<32><<<grid, 256, 0, s>>>(p, head0, p.query_aware, w.pool_q, w.pool_k, w.est);
+  } else {
+    dim3 grid((p.num_k_blocks + 63) / 64, (p.num_q_blocks + 63) / 64, plan.heads_per_wave);
+    qa_logits_kernel<64><<<grid, 256, 0, s>>>(p, head0, p.query_aware, w.pool_q, w.pool_k, w.est);
+  }
   return cudaGetLastError();
 }
 inline cudaError_t launch_qa_softmax(const SelectParams& p, const SelectPlan& plan, const SelectBuffers& w,
@@ -488,17 +584,22 @@ inline cudaError_t launch_qa_softmax(const SelectParams& p, const SelectPlan& pl
   qa_softmax_kernel<<<dim3(p.num_q_blocks, plan.heads_per_wave), 128, 0, s>>>(p, head0, p.query_aware, w.est);
   return cudaGetLastError();
 }
+inline cudaError_t launch_qa_select_small(const SelectParams& p, const SelectPlan& plan, const SelectBuffers& w,
+                                          int64_t head0, cudaStream_t s) {
+  qa_select_small_kernel<<<plan.heads_per_wave, kSelectThreads, 0, s>>>(p, plan, head0, p.query_aware, w.est, w.qa);
+  return cudaGetLastError();
+}
 inline cudaError_t launch_qa_radix_level(const SelectParams& p, const SelectPlan& plan, const SelectBuffers& w,
                                          int64_t head0, int level, uint32_t mode, cudaStream_t s) {
   const int64_t n = p.num_q_blocks * p.num_k_blocks;
-  dim3 grid((n + kGridChunk - 1) / kGridChunk, plan.heads_per_wave);
+  dim3 grid((n + plan.qa_chunk - 1) / plan.qa_chunk, plan.heads_per_wave);
   qa_radix_level_kernel<<<grid, kSelectThreads, 0, s>>>(p, plan, head0, p.query_aware, w.est, w.radix, level, mode);
   return cudaGetLastError();
 }
 inline cudaError_t launch_qa_mark(const SelectParams& p, const SelectPlan& plan, const SelectBuffers& w,
                                   int64_t head0, cudaStream_t s) {
   const int64_t n = p.num_q_blocks * p.num_k_blocks;
-  dim3 grid((n + kGridChunk - 1) / kGridChunk, plan.heads_per_wave);
+  dim3 grid((n + plan.qa_chunk - 1) / plan.qa_chunk, plan.heads_per_wave);
   qa_mark_kernel<<<grid, kSelectThreads, 0, s>>>(p, plan, head0, p.query_aware, w.est, w.radix, w.qa);
   return cudaGetLastError();
 }

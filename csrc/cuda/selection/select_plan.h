@@ -3,14 +3,16 @@
 // `workspace_bytes` on the device, and the kernels read their buffers at the offsets below.
 //
 // Pipeline (all on one stream, no host synchronisation):
-//   pool_keys + qhat_mean          pool(K) [B,Hkv,NBk,D], mean(Q̂) [B,Hq,D]           (steps 1, 3)
-//   rep_pass<1>, lse_combine       row LSE of softmax(s Q̂ Kᵀ), split over keys      (step 1)
-//   rep_pass<2>                    vertical block sums [B,Hq,NBk], slash bin sums [B,Hq,NBk] (step 2)
-//   jsd                            query_aware [B,Hq]                                  (step 3)
-//   vs_select                      vertical columns / slash distance bins bitmasks     (step 4)
-//   per wave of heads: pool_queries, qa_logits, qa_softmax, qa_radix_level (<= 6, each
-//                      many CTAs per head), qa_mark                                     (step 5)
-//   assemble                       kv_count, kv_index                                   (steps 4-7)
+//   rep        one pass of softmax(s Q̂ Kᵀ) over the keys, split over CTAs: per (row, key
+//              block) records [B,Hq,NBk,3,m]; also pool(K) [B,Hkv,NBk,D], mean(Q̂) [B,Hq,D]
+//                                                                                  (steps 1-3)
+//   finish     one CTA per head: row LSE, vertical mass [B,Hq,NBk], slash bin mass
+//              [B,Hq,NBk], the JSD decision query_aware [B,Hq], and the vertical-slash
+//              selection (column / distance-bin bitmasks)                           (steps 2-4)
+//   per wave of heads: pool_queries, qa_logits, qa_softmax, then the query-aware selection:
+//              one CTA per head (qa_select_small) when NBq * NBk <= kQaSmallMax, else
+//              qa_radix_level (<= 6 launches, many CTAs per head) and qa_mark     (step 5)
+//   assemble   kv_count, kv_index                                                  (steps 4-7)
 #pragma once
 
 #include <algorithm>
@@ -22,10 +24,13 @@
 namespace flexprefill {
 namespace selection {
 
-constexpr int kTileKeys = 64;             // keys per tensor-core tile of the two passes
+constexpr int kTileKeys = 64;             // keys per tensor-core tile of the rep kernel
 constexpr int kRowsPerWarp = 32;          // representative rows per warp (two m16 tiles)
-constexpr int kSplitKeysMax = 1024;       // keys per CTA of the two passes
-constexpr int kSplitKeysMin = 256;        // (>= 128 so a slash distance gets <= 2 partial sums)
+constexpr int kSplitKeysMax = 1024;       // keys per CTA of the rep kernel (a multiple of every bs)
+constexpr int kSplitKeysMin = 256;
+constexpr int64_t kQaSmallMax = 16384;    // estimate entries per head selected by one CTA
+constexpr int64_t kQaChunkMin = 4096, kQaChunkMax = 32768;  // entries per CTA of the multi-CTA selection
+constexpr int64_t kQaCtasPerHead = 16;    // ... aiming at this many CTAs per head
 constexpr int kSelectThreads = 1024;      // CTA of the radix selections
 constexpr int kAssembleRowsPerCta = 4;    // one warp per query block
 constexpr size_t kRadixStateBytes = 64 + 3 * 2048 * 4;  // step-5 radix state + global histogram per head
@@ -42,6 +47,7 @@ struct SelectPlan {
   int64_t min_blocks = 0, max_blocks = 0;  // budgets of columns and of slash bins
   int64_t n_allowed = 0;  // causal (query block, key block) pairs of one head
   int64_t heads_per_wave = 0, waves = 0;
+  int64_t qa_chunk = 0;   // entries per CTA of the multi-CTA query-aware selection (a multiple of 32)
   double tau = 0.0;
   float scale_log2 = 0.f;
   int64_t cols_words = 0, qa_words = 0;  // uint32 words per head (columns and bins: NBk bits)
@@ -49,7 +55,7 @@ struct SelectPlan {
   // vertical-slash selection) and phase 2 (the query-aware estimate), which alias.
   size_t off_pool_k = 0, off_qhat_mean = 0, off_jsd_logits = 0, off_vert = 0;
   size_t off_cols = 0, off_bins = 0, off_qa = 0;
-  size_t off_part_max = 0, off_part_sum = 0, off_lse2 = 0, off_slash = 0;
+  size_t off_rec = 0, off_part_ref = 0, off_part_sum = 0, off_abcd = 0, off_lse2 = 0, off_slash = 0;
   size_t off_pool_q = 0, off_est = 0, off_radix = 0;
   size_t workspace_bytes = 0;
 };
@@ -63,8 +69,10 @@ struct SelectBuffers {
   uint32_t* cols;      // [B, Hq, cols_words]   selected key-block columns
   uint32_t* bins;      // [B, Hq, cols_words]   selected slash distance bins [t bs, t bs + bs)
   uint32_t* qa;        // [B, Hq, qa_words]     query-aware blocks, flat index r * NBk + c
-  float* part_max;     // [B, Hq, num_splits, m]  (log2 units)
+  float* rec;          // [B, Hq, NBk, 3, m]     per (key block, row): M, H, L (rep_attention.cuh)
+  float* part_ref;     // [B, Hq, num_splits, m] per (split, row): reference and sum (rep_attention.cuh)
   float* part_sum;     // [B, Hq, num_splits, m]
+  float* abcd;         // [B, Hq, NBk, 4]        per key block: H and L mass of the two row groups
   float* lse2;         // [B, Hq, m]             (log2 units)
   float* slash;        // [B, Hq, NBk]           slash mass per distance bin
   float* pool_q;       // [heads_per_wave, NBq, D]
@@ -78,7 +86,8 @@ inline SelectBuffers select_buffers(const SelectPlan& plan, void* workspace) {
   auto u = [&](size_t off) { return reinterpret_cast<uint32_t*>(base + off); };
   return SelectBuffers{f(plan.off_pool_k),   f(plan.off_qhat_mean), f(plan.off_jsd_logits),
                        f(plan.off_vert),     u(plan.off_cols),      u(plan.off_bins),
-                       u(plan.off_qa),       f(plan.off_part_max),  f(plan.off_part_sum),
+                       u(plan.off_qa),       f(plan.off_rec),       f(plan.off_part_ref),
+                       f(plan.off_part_sum), f(plan.off_abcd),
                        f(plan.off_lse2),     f(plan.off_slash),     f(plan.off_pool_q),
                        f(plan.off_est),       base + plan.off_radix};
 }
@@ -104,7 +113,11 @@ inline SelectPlan make_select_plan(const SelectParams& p, double gamma, double t
   plan.rows = std::min(bs, Nq);
   int64_t split = kSplitKeysMax;
   auto cdiv = [](int64_t a, int64_t b) { return (a + b - 1) / b; };
-  while (split > kSplitKeysMin && BH * cdiv(Nk, split) < num_sms) split /= 2;
+  // CTAs of the rep kernel: about BH / min(group, 256 / m) per split (heads of a GQA group
+  // share a CTA); shorter splits until they fill the GPU once.
+  const int64_t group = p.heads_q / p.heads_kv;
+  const int64_t per_cta = std::max<int64_t>(1, std::min<int64_t>(group, 256 / std::min(bs, Nq)));
+  while (split > kSplitKeysMin && BH / per_cta * cdiv(Nk, split) < num_sms) split /= 2;
   plan.split_keys = split;
   plan.num_splits = cdiv(Nk, split);
 
@@ -114,6 +127,7 @@ inline SelectPlan make_select_plan(const SelectParams& p, double gamma, double t
   for (int64_t r = 0; r < NBq; ++r) plan.n_allowed += last_causal_block(r, Nq, Nk, bs) + 1;
 
   plan.cols_words = cdiv(NBk, 32);
+  plan.qa_chunk = std::min(kQaChunkMax, std::max(kQaChunkMin, cdiv(cdiv(NBq * NBk, kQaCtasPerHead), 32) * 32));
   plan.qa_words = cdiv(NBq * NBk, 32);
 
   const int64_t D = p.head_dim, m = plan.rows;
@@ -131,8 +145,10 @@ inline SelectPlan make_select_plan(const SelectParams& p, double gamma, double t
   plan.off_bins = take(sizeof(uint32_t) * BH * plan.cols_words);
   plan.off_qa = take(plan.any_query_aware ? sizeof(uint32_t) * BH * plan.qa_words : 0);
   const size_t phase_start = off;
-  plan.off_part_max = take(sizeof(float) * BH * plan.num_splits * m);
+  plan.off_rec = take(sizeof(float) * BH * NBk * 3 * m);
+  plan.off_part_ref = take(sizeof(float) * BH * plan.num_splits * m);
   plan.off_part_sum = take(sizeof(float) * BH * plan.num_splits * m);
+  plan.off_abcd = take(sizeof(float) * BH * NBk * 4);
   plan.off_lse2 = take(sizeof(float) * BH * m);
   plan.off_slash = take(sizeof(float) * BH * NBk);
   const size_t phase1_end = off;
