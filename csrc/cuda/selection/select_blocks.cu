@@ -119,11 +119,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> select_blocks_cuda(const at::Tens
     if (!small) C10_CUDA_CHECK(cudaMemsetAsync(w.qa, 0, sizeof(uint32_t) * B * Hq * plan.qa_words, stream));
     for (int64_t wave = 0; wave < plan.waves; ++wave) {
       const int64_t head0 = wave * plan.heads_per_wave;
-      C10_CUDA_CHECK(selection::launch_pool_queries(p, plan, w, head0, stream));
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      C10_CUDA_CHECK(selection::launch_qa_logits(p, plan, w, head0, stream));
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      C10_CUDA_CHECK(selection::launch_qa_softmax(p, plan, w, head0, stream));
+      C10_CUDA_CHECK(selection::launch_qa_estimate(p, plan, w, head0, stream));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       if (small) {  // one CTA per head; it also zeroes the words of the other heads
         C10_CUDA_CHECK(selection::launch_qa_select_small(p, plan, w, head0, stream));

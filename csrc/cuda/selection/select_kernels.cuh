@@ -25,43 +25,6 @@ __device__ __forceinline__ int64_t last_causal_block_dev(int64_t r, int64_t Nq, 
   return (off + end - 1) / bs;
 }
 
-// Mean over rows [row0, row0 + count) of x[b, row, head, :] in fp32 (sum, then divide, as
-// the reference's _pool). 16-byte loads: D / 8 threads per row, blockDim / (D / 8) rows in
-// flight; the row groups are summed in a fixed order (deterministic). Rows 16-byte aligned.
-constexpr int kPoolThreads = 256;
-__device__ __forceinline__ void mean_rows(const uint16_t* x, int64_t row_stride, int64_t row0, int64_t count,
-                                          int D, bool is_bf16, float* out) {
-  __shared__ float partial[kPoolThreads * 8];  // [groups][D]
-  const int chunks = D / 8, groups = kPoolThreads / chunks;
-  const int c = threadIdx.x % chunks, gi = threadIdx.x / chunks;
-  float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-  if (gi < groups) {
-#pragma unroll 4
-    for (int64_t r = gi; r < count; r += groups) {
-      const uint4 v = *reinterpret_cast<const uint4*>(x + (row0 + r) * row_stride + c * 8);
-      const uint32_t w[4] = {v.x, v.y, v.z, v.w};
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        if (is_bf16) {
-          acc[2 * e] += __uint_as_float(w[e] << 16);
-          acc[2 * e + 1] += __uint_as_float(w[e] & 0xffff0000u);
-        } else {
-          acc[2 * e] += __half2float(__ushort_as_half(static_cast<unsigned short>(w[e] & 0xffffu)));
-          acc[2 * e + 1] += __half2float(__ushort_as_half(static_cast<unsigned short>(w[e] >> 16)));
-        }
-      }
-    }
-#pragma unroll
-    for (int e = 0; e < 8; ++e) partial[gi * D + c * 8 + e] = acc[e];
-  }
-  __syncthreads();
-  for (int d = threadIdx.x; d < D; d += blockDim.x) {
-    float s = 0.f;
-    for (int g = 0; g < groups; ++g) s += partial[g * D + d];
-    out[d] = s / static_cast<float>(count);
-  }
-}
-
 // Steps 1-4 from the rep kernel's records, one CTA per head (grid B * Hq, kSelectThreads):
 //   (a) the row LSE, lse2 [B, Hq, m] (log2 units);
 //   (b) per key block c the mass counted in H and in L, apart for the rows whose position
@@ -205,6 +168,7 @@ __global__ void __launch_bounds__(kSelectThreads) finish_kernel(const SelectPara
   for (int64_t c = tid; c < NBk; c += nthreads) {
     const float4* row = reinterpret_cast<const float4*>(pk + c * D);
     float s = 0.f;
+#pragma unroll 8  // independent row loads in flight
     for (int d4 = 0; d4 < D / 4; ++d4) {
       const float4 v = row[d4];
       s += v.x * qm[4 * d4] + v.y * qm[4 * d4 + 1] + v.z * qm[4 * d4 + 2] + v.w * qm[4 * d4 + 3];
@@ -247,98 +211,146 @@ __global__ void __launch_bounds__(kSelectThreads) finish_kernel(const SelectPara
   }
 }
 
-// Step 5, per wave of heads [head0, head0 + heads_per_wave): pool(Q) of the query-aware ones.
-// grid (NBq, heads_per_wave).
-__global__ void pool_queries_kernel(const SelectParams p, const SelectPlan plan, int64_t head0,
-                                    const bool* query_aware, float* pool_q) {
-  const int64_t hw = blockIdx.y, head = head0 + hw, r = blockIdx.x;
+// Step 5's estimate, per wave of heads [head0, head0 + heads_per_wave), for the query-aware
+// heads: est[hw, r, :] = softmax over the causal key blocks of s pool(Q)[r] . pool(K) / NBq,
+// zeros elsewhere (the reference's masked softmax, flattened over the head). One CTA =
+// kQaRows query blocks of one head: pool their queries (fp32 mean, into shared memory),
+// the logits against every causal key block (thread per key block, all rows at once), then
+// the row softmax (double sums, fixed order). grid (ceil(NBq / kQaRows), heads_per_wave), 256 threads.
+constexpr int kQaRows = 4;
+constexpr int kQaThreads = 256;
+__global__ void __launch_bounds__(kQaThreads) qa_estimate_kernel(const SelectParams p, int64_t head0,
+                                                                  const bool* query_aware, const float* pool_k,
+                                                                  float* est) {
+  __shared__ __align__(16) float pq[kQaRows][256];  // pooled queries of the CTA's blocks
+  __shared__ float part[kQaThreads * 8];            // pooling partials [groups][D]
+  __shared__ float red_f[kQaRows][kQaThreads / 32];
+  __shared__ double red_d[kQaRows][kQaThreads / 32];
+  const int64_t hw = blockIdx.y, head = head0 + hw;
   if (head >= p.batch * p.heads_q || !query_aware[head]) return;
-  const int64_t b = head / p.heads_q, h = head - b * p.heads_q, bs = p.block_size;
-  const int64_t row0 = r * bs;
-  const int64_t count = (row0 + bs < p.seqlen_q ? row0 + bs : p.seqlen_q) - row0;
-  const auto* q = static_cast<const uint16_t*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride;
-  mean_rows(q, p.q_row_stride, row0, count, static_cast<int>(p.head_dim), p.is_bf16,
-            pool_q + (hw * p.num_q_blocks + r) * p.head_dim);
-}
-
-// est[hw, r, c] = s pool(Q)[r] . pool(K)[c] for causal blocks, fp32 (kT x kT tile per CTA,
-// 256 threads, kT/16 x kT/16 outputs each). grid (ceil(NBk/kT), ceil(NBq/kT), heads_per_wave).
-template <int kT>
-__global__ void __launch_bounds__(256) qa_logits_kernel(const SelectParams p, int64_t head0,
-                                                        const bool* query_aware, const float* pool_q,
-                                                        const float* pool_k, float* est) {
-  constexpr int kPer = kT / 16;  // outputs per thread along each dim
-  __shared__ float As[32][kT + 1];
-  __shared__ float Bs[32][kT + 1];
-  const int64_t hw = blockIdx.z, head = head0 + hw;
-  if (head >= p.batch * p.heads_q || !query_aware[head]) return;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int64_t b = head / p.heads_q, h = head - b * p.heads_q, hk = h / (p.heads_q / p.heads_kv);
-  const int64_t NBq = p.num_q_blocks, NBk = p.num_k_blocks, D = p.head_dim;
-  const int64_t r0 = static_cast<int64_t>(blockIdx.y) * kT, c0 = static_cast<int64_t>(blockIdx.x) * kT;
-  const int64_t r_last = r0 + kT - 1 < NBq - 1 ? r0 + kT - 1 : NBq - 1;
-  if (c0 > last_causal_block_dev(r_last, p.seqlen_q, p.seqlen_k, p.block_size)) return;
-  const int tx = threadIdx.x & 15, ty = threadIdx.x >> 4;
-  const float* pq = pool_q + hw * NBq * D;
-  const float* pk = pool_k + (b * p.heads_kv + hk) * NBk * D;
-  float acc[kPer][kPer];
-#pragma unroll
-  for (int i = 0; i < kPer; ++i)
-#pragma unroll
-    for (int j = 0; j < kPer; ++j) acc[i][j] = 0.f;
-  for (int64_t d0 = 0; d0 < D; d0 += 32) {
-    for (int idx = threadIdx.x; idx < kT * 32; idx += blockDim.x) {
-      const int rr = idx >> 5, dd = idx & 31;
-      const int64_t r = r0 + rr, c = c0 + rr, d = d0 + dd;
-      As[dd][rr] = (r < NBq && d < D) ? pq[r * D + d] : 0.f;
-      Bs[dd][rr] = (c < NBk && d < D) ? pk[c * D + d] : 0.f;
-    }
-    __syncthreads();
-#pragma unroll 8
-    for (int dd = 0; dd < 32; ++dd) {
-      float a[kPer], bb[kPer];
-#pragma unroll
-      for (int i = 0; i < kPer; ++i) a[i] = As[dd][ty + 16 * i];
-#pragma unroll
-      for (int j = 0; j < kPer; ++j) bb[j] = Bs[dd][tx + 16 * j];
-#pragma unroll
-      for (int i = 0; i < kPer; ++i)
-#pragma unroll
-        for (int j = 0; j < kPer; ++j) acc[i][j] = fmaf(a[i], bb[j], acc[i][j]);
-    }
-    __syncthreads();
-  }
-#pragma unroll
-  for (int i = 0; i < kPer; ++i) {
-    const int64_t r = r0 + ty + 16 * i;
-    if (r >= NBq) continue;
-    const int64_t chi = last_causal_block_dev(r, p.seqlen_q, p.seqlen_k, p.block_size);
-#pragma unroll
-    for (int j = 0; j < kPer; ++j) {
-      const int64_t c = c0 + tx + 16 * j;
-      if (c <= chi) est[(hw * NBq + r) * NBk + c] = acc[i][j] * p.softmax_scale;
-    }
-  }
-}
+  const int64_t NBq = p.num_q_blocks, NBk = p.num_k_blocks, bs = p.block_size;
+  const int D = static_cast<int>(p.head_dim);
+  const int64_t r0 = static_cast<int64_t>(blockIdx.x) * kQaRows;
+  const int nrows = static_cast<int>(NBq - r0 < kQaRows ? NBq - r0 : kQaRows);
 
-// In place: est[hw, r, :] = softmax over the causal blocks / NBq, zeros elsewhere (the
-// reference's masked softmax, flattened over the head). grid (NBq, heads_per_wave), 128 threads.
-__global__ void qa_softmax_kernel(const SelectParams p, int64_t head0, const bool* query_aware, float* est) {
-  __shared__ double red_d[32];
-  __shared__ float red_f[32];
-  const int64_t hw = blockIdx.y, head = head0 + hw, r = blockIdx.x;
-  if (head >= p.batch * p.heads_q || !query_aware[head]) return;
-  const int64_t NBk = p.num_k_blocks;
-  const int64_t chi = last_causal_block_dev(r, p.seqlen_q, p.seqlen_k, p.block_size);
-  float* x = est + (hw * p.num_q_blocks + r) * NBk;
-  float mx = -INFINITY;
-  for (int64_t c = threadIdx.x; c <= chi; c += blockDim.x) mx = fmaxf(mx, x[c]);
-  mx = block_max(mx, red_f);
-  double z = 0.0;
-  for (int64_t c = threadIdx.x; c <= chi; c += blockDim.x) z += exp(static_cast<double>(x[c]) - mx);
-  z = block_sum(z, red_d);
-  const double norm = 1.0 / (z * static_cast<double>(p.num_q_blocks));
-  for (int64_t c = threadIdx.x; c < NBk; c += blockDim.x)
-    x[c] = c <= chi ? static_cast<float>(exp(static_cast<double>(x[c]) - mx) * norm) : 0.f;
+  // Pooling: thread -> 16-byte chunk c of a row, row group gi; 8 rows in flight per thread.
+  const auto* q = static_cast<const uint16_t*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride;
+  const int chunks = D / 8, groups = kQaThreads / chunks;
+  const int c8 = tid % chunks, gi = tid / chunks;
+  for (int rr = 0; rr < nrows; ++rr) {
+    const int64_t row0 = (r0 + rr) * bs;
+    const int64_t count = (row0 + bs < p.seqlen_q ? row0 + bs : p.seqlen_q) - row0;
+    float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+    if (gi < groups) {
+      for (int64_t r = gi; r < count; r += 8 * groups) {
+        uint4 v[8];
+#pragma unroll
+        for (int u = 0; u < 8; ++u) {
+          const int64_t rowi = r + u * groups;
+          v[u] = rowi < count ? *reinterpret_cast<const uint4*>(q + (row0 + rowi) * p.q_row_stride + c8 * 8)
+                              : make_uint4(0u, 0u, 0u, 0u);
+        }
+#pragma unroll
+        for (int u = 0; u < 8; ++u) {
+          const uint32_t w4[4] = {v[u].x, v[u].y, v[u].z, v[u].w};
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            if (p.is_bf16) {
+              acc[2 * e] += __uint_as_float(w4[e] << 16);
+              acc[2 * e + 1] += __uint_as_float(w4[e] & 0xffff0000u);
+            } else {
+              acc[2 * e] += __half2float(__ushort_as_half(static_cast<unsigned short>(w4[e] & 0xffffu)));
+              acc[2 * e + 1] += __half2float(__ushort_as_half(static_cast<unsigned short>(w4[e] >> 16)));
+            }
+          }
+        }
+      }
+#pragma unroll
+      for (int e = 0; e < 8; ++e) part[gi * D + c8 * 8 + e] = acc[e];
+    }
+    __syncthreads();
+    for (int d = tid; d < D; d += kQaThreads) {
+      float s = 0.f;
+      for (int g = 0; g < groups; ++g) s += part[g * D + d];
+      pq[rr][d] = s / static_cast<float>(count);
+    }
+    __syncthreads();
+  }
+
+  // Logits: thread -> key blocks tid, tid + 256, ...; all the CTA's rows at once.
+  int64_t chi[kQaRows];
+#pragma unroll
+  for (int rr = 0; rr < kQaRows; ++rr) chi[rr] = rr < nrows ? last_causal_block_dev(r0 + rr, p.seqlen_q, p.seqlen_k, bs) : -1;
+  const int64_t chi_max = last_causal_block_dev(r0 + nrows - 1, p.seqlen_q, p.seqlen_k, bs);  // chi grows with r
+  const float* pk = pool_k + (b * p.heads_kv + hk) * NBk * D;
+  float* e0 = est + (hw * NBq + r0) * NBk;
+  float mx[kQaRows];
+#pragma unroll
+  for (int rr = 0; rr < kQaRows; ++rr) mx[rr] = -INFINITY;
+  for (int64_t c = tid; c <= chi_max; c += kQaThreads) {
+    float dot[kQaRows];
+#pragma unroll
+    for (int rr = 0; rr < kQaRows; ++rr) dot[rr] = 0.f;
+    const float4* kr = reinterpret_cast<const float4*>(pk + c * D);
+#pragma unroll 8  // independent row loads in flight
+    for (int d4 = 0; d4 < D / 4; ++d4) {
+      const float4 kv = kr[d4];
+#pragma unroll
+      for (int rr = 0; rr < kQaRows; ++rr) {
+        const float4 qv = *reinterpret_cast<const float4*>(&pq[rr][4 * d4]);
+        dot[rr] += qv.x * kv.x + qv.y * kv.y + qv.z * kv.z + qv.w * kv.w;
+      }
+    }
+#pragma unroll
+    for (int rr = 0; rr < kQaRows; ++rr)
+      if (c <= chi[rr]) {
+        const float x = dot[rr] * p.softmax_scale;
+        e0[rr * NBk + c] = x;
+        mx[rr] = fmaxf(mx[rr], x);
+      }
+  }
+  // Row maxima, then the row sums of exp in double (fixed order: lanes, then warps).
+#pragma unroll
+  for (int rr = 0; rr < kQaRows; ++rr) {
+    const float v = warp_max(mx[rr]);
+    if (lane == 0) red_f[rr][warp] = v;
+  }
+  __syncthreads();
+#pragma unroll
+  for (int rr = 0; rr < kQaRows; ++rr) {
+    float v = -INFINITY;
+    for (int w = 0; w < kQaThreads / 32; ++w) v = fmaxf(v, red_f[rr][w]);
+    mx[rr] = v;
+  }
+  double z[kQaRows];
+#pragma unroll
+  for (int rr = 0; rr < kQaRows; ++rr) z[rr] = 0.0;
+  for (int64_t c = tid; c <= chi_max; c += kQaThreads) {
+#pragma unroll
+    for (int rr = 0; rr < kQaRows; ++rr)
+      if (c <= chi[rr]) z[rr] += exp(static_cast<double>(e0[rr * NBk + c]) - mx[rr]);
+  }
+#pragma unroll
+  for (int rr = 0; rr < kQaRows; ++rr) {
+    const double v = warp_sum(z[rr]);
+    if (lane == 0) red_d[rr][warp] = v;
+  }
+  __syncthreads();
+#pragma unroll
+  for (int rr = 0; rr < kQaRows; ++rr) {
+    double v = 0.0;
+    for (int w = 0; w < kQaThreads / 32; ++w) v += red_d[rr][w];
+    z[rr] = 1.0 / (v * static_cast<double>(NBq));
+  }
+  for (int64_t c = tid; c < NBk; c += kQaThreads) {
+#pragma unroll
+    for (int rr = 0; rr < kQaRows; ++rr)
+      if (rr < nrows)
+        e0[rr * NBk + c] = c <= chi[rr] ? static_cast<float>(exp(static_cast<double>(e0[rr * NBk + c]) - mx[rr]) * z[rr])
+                                        : 0.f;
+  }
 }
 
 // The fewest estimated blocks reaching gamma (at most the causal ones) of one head by one
@@ -562,26 +574,10 @@ inline cudaError_t launch_finish(const SelectParams& p, const SelectPlan& plan, 
   finish_kernel<<<p.batch * p.heads_q, kSelectThreads, 0, s>>>(p, plan, w);
   return cudaGetLastError();
 }
-inline cudaError_t launch_pool_queries(const SelectParams& p, const SelectPlan& plan, const SelectBuffers& w,
-                                       int64_t head0, cudaStream_t s) {
-  pool_queries_kernel<<<dim3(p.num_q_blocks, plan.heads_per_wave), kPoolThreads, 0, s>>>(p, plan, head0, p.query_aware,
-                                                                                 w.pool_q);
-  return cudaGetLastError();
-}
-inline cudaError_t launch_qa_logits(const SelectParams& p, const SelectPlan& plan, const SelectBuffers& w,
-                                    int64_t head0, cudaStream_t s) {
-  if (p.num_q_blocks * p.num_k_blocks <= kQaSmallMax) {  // small estimates: more, smaller tiles
-    dim3 grid((p.num_k_blocks + 31) / 32, (p.num_q_blocks + 31) / 32, plan.heads_per_wave);
-    qa_logits_kernel<32><<<grid, 256, 0, s>>>(p, head0, p.query_aware, w.pool_q, w.pool_k, w.est);
-  } else {
-    dim3 grid((p.num_k_blocks + 63) / 64, (p.num_q_blocks + 63) / 64, plan.heads_per_wave);
-    qa_logits_kernel<64><<<grid, 256, 0, s>>>(p, head0, p.query_aware, w.pool_q, w.pool_k, w.est);
-  }
-  return cudaGetLastError();
-}
-inline cudaError_t launch_qa_softmax(const SelectParams& p, const SelectPlan& plan, const SelectBuffers& w,
-                                     int64_t head0, cudaStream_t s) {
-  qa_softmax_kernel<<<dim3(p.num_q_blocks, plan.heads_per_wave), 128, 0, s>>>(p, head0, p.query_aware, w.est);
+inline cudaError_t launch_qa_estimate(const SelectParams& p, const SelectPlan& plan, const SelectBuffers& w,
+                                      int64_t head0, cudaStream_t s) {
+  dim3 grid((p.num_q_blocks + kQaRows - 1) / kQaRows, plan.heads_per_wave);
+  qa_estimate_kernel<<<grid, kQaThreads, 0, s>>>(p, head0, p.query_aware, w.pool_k, w.est);
   return cudaGetLastError();
 }
 inline cudaError_t launch_qa_select_small(const SelectParams& p, const SelectPlan& plan, const SelectBuffers& w,

@@ -9,7 +9,7 @@
 //   finish     one CTA per head: row LSE, vertical mass [B,Hq,NBk], slash bin mass
 //              [B,Hq,NBk], the JSD decision query_aware [B,Hq], and the vertical-slash
 //              selection (column / distance-bin bitmasks)                           (steps 2-4)
-//   per wave of heads: pool_queries, qa_logits, qa_softmax, then the query-aware selection:
+//   per wave of heads: qa_estimate (pool(Q), logits, row softmax), then the selection:
 //              one CTA per head (qa_select_small) when NBq * NBk <= kQaSmallMax, else
 //              qa_radix_level (<= 6 launches, many CTAs per head) and qa_mark     (step 5)
 //   assemble   kv_count, kv_index                                                  (steps 4-7)
@@ -56,7 +56,7 @@ struct SelectPlan {
   size_t off_pool_k = 0, off_qhat_mean = 0, off_jsd_logits = 0, off_vert = 0;
   size_t off_cols = 0, off_bins = 0, off_qa = 0;
   size_t off_rec = 0, off_part_ref = 0, off_part_sum = 0, off_abcd = 0, off_lse2 = 0, off_slash = 0;
-  size_t off_pool_q = 0, off_est = 0, off_radix = 0;
+  size_t off_est = 0, off_radix = 0;
   size_t workspace_bytes = 0;
 };
 
@@ -75,7 +75,6 @@ struct SelectBuffers {
   float* abcd;         // [B, Hq, NBk, 4]        per key block: H and L mass of the two row groups
   float* lse2;         // [B, Hq, m]             (log2 units)
   float* slash;        // [B, Hq, NBk]           slash mass per distance bin
-  float* pool_q;       // [heads_per_wave, NBq, D]
   float* est;          // [heads_per_wave, NBq, NBk]
   unsigned char* radix;  // [heads_per_wave, kRadixStateBytes]
 };
@@ -88,7 +87,7 @@ inline SelectBuffers select_buffers(const SelectPlan& plan, void* workspace) {
                        f(plan.off_vert),     u(plan.off_cols),      u(plan.off_bins),
                        u(plan.off_qa),       f(plan.off_rec),       f(plan.off_part_ref),
                        f(plan.off_part_sum), f(plan.off_abcd),
-                       f(plan.off_lse2),     f(plan.off_slash),     f(plan.off_pool_q),
+                       f(plan.off_lse2),     f(plan.off_slash),
                        f(plan.off_est),       base + plan.off_radix};
 }
 
@@ -113,11 +112,12 @@ inline SelectPlan make_select_plan(const SelectParams& p, double gamma, double t
   plan.rows = std::min(bs, Nq);
   int64_t split = kSplitKeysMax;
   auto cdiv = [](int64_t a, int64_t b) { return (a + b - 1) / b; };
-  // CTAs of the rep kernel: about BH / min(group, 256 / m) per split (heads of a GQA group
-  // share a CTA); shorter splits until they fill the GPU once.
+  // CTAs of the rep kernel (one per SM): about BH / min(group, 256 / m) per split (heads of
+  // a GQA group share a CTA); shorter splits until they fill 90% of the GPU once (every
+  // CTA first loads Q̂: longer splits amortise it).
   const int64_t group = p.heads_q / p.heads_kv;
   const int64_t per_cta = std::max<int64_t>(1, std::min<int64_t>(group, 256 / std::min(bs, Nq)));
-  while (split > kSplitKeysMin && BH / per_cta * cdiv(Nk, split) < num_sms) split /= 2;
+  while (split > kSplitKeysMin && 10 * (BH / per_cta) * cdiv(Nk, split) < 9 * num_sms) split /= 2;
   plan.split_keys = split;
   plan.num_splits = cdiv(Nk, split);
 
@@ -155,10 +155,9 @@ inline SelectPlan make_select_plan(const SelectParams& p, double gamma, double t
 
   off = phase_start;
   if (plan.any_query_aware && !plan.keep_all) {
-    const size_t per_head = sizeof(float) * (NBq * D + NBq * NBk) + kRadixStateBytes;
+    const size_t per_head = sizeof(float) * NBq * NBk + kRadixStateBytes;
     plan.heads_per_wave = std::max<int64_t>(1, std::min<int64_t>(BH, kEstBudgetBytes / per_head));
     plan.waves = cdiv(BH, plan.heads_per_wave);
-    plan.off_pool_q = take(sizeof(float) * plan.heads_per_wave * NBq * D);
     plan.off_est = take(sizeof(float) * plan.heads_per_wave * NBq * NBk);
     plan.off_radix = take(kRadixStateBytes * plan.heads_per_wave);
   }
