@@ -1,6 +1,7 @@
-// The small kernels of the CUDA select_blocks around the two tensor-core passes
-// (rep_attention.cuh): pooling, LSE combination, the JSD decision, the vertical-slash and
-// query-aware selections, and the final assembly into FlexAttention's BlockMask layout.
+// The kernels of the CUDA select_blocks after the one-pass tensor-core estimate
+// (rep_attention.cuh): the per-head finish (row LSE, vertical / slash mass, JSD decision,
+// vertical-slash selection), the query-aware estimate and selection, and the final
+// assembly into FlexAttention's BlockMask layout.
 // Framework-free: raw pointers, SelectParams / SelectPlan, a stream; every launcher does
 // one launch and returns cudaGetLastError().
 #pragma once

@@ -51,8 +51,8 @@ struct SelectPlan {
   double tau = 0.0;
   float scale_log2 = 0.f;
   int64_t cols_words = 0, qa_words = 0;  // uint32 words per head (columns and bins: NBk bits)
-  // Workspace offsets in bytes. Persistent buffers, then phase 1 (the two passes and the
-  // vertical-slash selection) and phase 2 (the query-aware estimate), which alias.
+  // Workspace offsets in bytes. Persistent buffers, then phase 1 (the rep kernel's records
+  // and the finish kernel) and phase 2 (the query-aware estimate), which alias.
   size_t off_pool_k = 0, off_qhat_mean = 0, off_jsd_logits = 0, off_vert = 0;
   size_t off_cols = 0, off_bins = 0, off_qa = 0;
   size_t off_rec = 0, off_part_ref = 0, off_part_sum = 0, off_abcd = 0, off_lse2 = 0, off_slash = 0;
