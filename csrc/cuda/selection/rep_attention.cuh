@@ -32,6 +32,7 @@
 
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <cstdint>
 #include <type_traits>
 
@@ -105,7 +106,7 @@ __global__ void __launch_bounds__(256, 1) rep_kernel(const RepParams p) {
   const int split = blockIdx.y, b = blockIdx.z, hpc = p.heads_per_cta;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, nthreads = blockDim.x;
   const int g = lane >> 2, t4 = lane & 3;
-  const int m = p.rows, bs = p.block_size;
+  const int m = p.rows, bs = p.block_size, bs_shift = __ffs(bs) - 1;  // bs: a power of two
   const int warps_per_head = m / kRowsPerWarp;
   const int group = p.heads_q / p.heads_kv;
   const int h_first = blockIdx.x * hpc;                    // first query head of the CTA
@@ -158,7 +159,7 @@ __global__ void __launch_bounds__(256, 1) rep_kernel(const RepParams p) {
     hs[s] = 0.f;
     ls[s] = 0.f;
     l_run[s] = 0.f;
-    off_row[s] = (P0 + row0 + 8 * s + g) % bs;
+    off_row[s] = (P0 + row0 + 8 * s + g) & (bs - 1);  // bs is a power of two
   }
 
   // Per-lane ldmatrix addresses: A rows (lane & 15), k-half lane >> 4; B keys
@@ -219,7 +220,7 @@ __global__ void __launch_bounds__(256, 1) rep_kernel(const RepParams p) {
     }
     const int buf = tile % kRepStages;
     const int kt = ks + tile * kTileKeys;
-    const int c = kt / bs, base = kt - c * bs;  // key block of the tile, offset of the tile in it
+    const int c = kt >> bs_shift, base = kt & (bs - 1);  // key block of the tile, offset of the tile in it
     const bool first_in_block = base == 0;
     const bool last_in_block = base + kTileKeys == bs || tile == ntile - 1;
     const uint16_t* Kt = Ks + buf * kTileKeys * ld;
@@ -308,18 +309,19 @@ __global__ void __launch_bounds__(256, 1) rep_kernel(const RepParams p) {
 #pragma unroll
       for (int s = 0; s < 4; ++s) {
         const float neg_ref = -(m_ref[s] == -INFINITY ? 0.f : m_ref[s]);
-        float h2[2] = {0.f, 0.f}, l2[2] = {0.f, 0.f};
+        // L = T - H: exact up to one rounding of T (H is a sub-sum of T's terms, so
+        // 0 <= H <= T also in floating point), which is negligible against the row's mass.
+        float h2[2] = {0.f, 0.f}, t2[2] = {0.f, 0.f};
 #pragma unroll
         for (int n = 0; n < 8; ++n)
 #pragma unroll
           for (int x = 0; x < 2; ++x) {
             const float e = fast_exp2(fmaf(acc[s >> 1][n][2 * (s & 1) + x], p.scale_log2, neg_ref));
-            const bool in_h = 8 * n + x <= lim[s];
-            h2[x] += in_h ? e : 0.f;
-            l2[x] += in_h ? 0.f : e;
+            h2[x] += 8 * n + x <= lim[s] ? e : 0.f;
+            t2[x] += e;
           }
         t_h[s] = h2[0] + h2[1];
-        t_l[s] = l2[0] + l2[1];
+        t_l[s] = fmaxf((t2[0] + t2[1]) - t_h[s], 0.f);
       }
     } else {
 #pragma unroll
@@ -455,8 +457,20 @@ template <bool kBf16, int kD>
 cudaError_t launch_rep(const RepParams& p, int batch, cudaStream_t stream) {
   const RepSmem L = rep_smem_layout(kD, p.rows, p.heads_per_cta);
   auto kernel = rep_kernel<kBf16, kD>;
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, L.total);
+  // The shared-memory limit is raised to the device's opt-in maximum once per device (the
+  // same value from every thread), not on every call.
+  static std::atomic<uint64_t> raised{0};  // bit d: done on device d (d < 64)
+  int dev = 0;
+  cudaError_t err = cudaGetDevice(&dev);
   if (err != cudaSuccess) return err;
+  if (dev >= 64 || !((raised.load(std::memory_order_acquire) >> dev) & 1u)) {
+    int optin = 0;
+    err = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
+    if (err != cudaSuccess) return err;
+    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, optin);
+    if (err != cudaSuccess) return err;
+    if (dev < 64) raised.fetch_or(uint64_t(1) << dev, std::memory_order_acq_rel);
+  }
   dim3 grid(p.heads_q / p.heads_per_cta, p.num_splits, batch);
   kernel<<<grid, p.rows * p.heads_per_cta, L.total, stream>>>(p);
   return cudaGetLastError();

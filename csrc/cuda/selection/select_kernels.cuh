@@ -290,28 +290,43 @@ __global__ void __launch_bounds__(kQaThreads) qa_estimate_kernel(const SelectPar
   float mx[kQaRows];
 #pragma unroll
   for (int rr = 0; rr < kQaRows; ++rr) mx[rr] = -INFINITY;
-  for (int64_t c = tid; c <= chi_max; c += kQaThreads) {
+  // tpc lanes share a key block when there are few (a short input): each sums every
+  // tpc-th float4 of the dot products, then the lanes combine (fixed order).
+  int tpc = 1;
+  while (tpc < 8 && (chi_max + 1) * tpc * 2 <= kQaThreads) tpc *= 2;
+  const int sub = tid % tpc;
+  for (int64_t cb = 0; cb <= chi_max; cb += kQaThreads / tpc) {  // uniform: every lane shuffles
+    const int64_t c = cb + tid / tpc;
+    const bool valid = c <= chi_max;
     float dot[kQaRows];
 #pragma unroll
     for (int rr = 0; rr < kQaRows; ++rr) dot[rr] = 0.f;
-    const float4* kr = reinterpret_cast<const float4*>(pk + c * D);
+    if (valid) {
+      const float4* kr = reinterpret_cast<const float4*>(pk + c * D);
 #pragma unroll 8  // independent row loads in flight
-    for (int d4 = 0; d4 < D / 4; ++d4) {
-      const float4 kv = kr[d4];
+      for (int d4 = sub; d4 < D / 4; d4 += tpc) {
+        const float4 kv = kr[d4];
 #pragma unroll
-      for (int rr = 0; rr < kQaRows; ++rr) {
-        const float4 qv = *reinterpret_cast<const float4*>(&pq[rr][4 * d4]);
-        dot[rr] += qv.x * kv.x + qv.y * kv.y + qv.z * kv.z + qv.w * kv.w;
+        for (int rr = 0; rr < kQaRows; ++rr) {
+          const float4 qv = *reinterpret_cast<const float4*>(&pq[rr][4 * d4]);
+          dot[rr] += qv.x * kv.x + qv.y * kv.y + qv.z * kv.z + qv.w * kv.w;
+        }
       }
     }
+    for (int o = 1; o < tpc; o <<= 1)
 #pragma unroll
-    for (int rr = 0; rr < kQaRows; ++rr)
-      if (c <= chi[rr]) {
-        const float x = dot[rr] * p.softmax_scale;
-        e0[rr * NBk + c] = x;
-        mx[rr] = fmaxf(mx[rr], x);
-      }
+      for (int rr = 0; rr < kQaRows; ++rr) dot[rr] += __shfl_xor_sync(0xffffffffu, dot[rr], o);
+    if (valid && sub == 0) {
+#pragma unroll
+      for (int rr = 0; rr < kQaRows; ++rr)
+        if (c <= chi[rr]) {
+          const float x = dot[rr] * p.softmax_scale;
+          e0[rr * NBk + c] = x;
+          mx[rr] = fmaxf(mx[rr], x);
+        }
+    }
   }
+  __syncthreads();  // the logits were written by other lanes than the ones that read them below
   // Row maxima, then the row sums of exp in double (fixed order: lanes, then warps).
 #pragma unroll
   for (int rr = 0; rr < kQaRows; ++rr) {
