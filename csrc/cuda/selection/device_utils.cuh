@@ -23,28 +23,27 @@ __device__ __forceinline__ float warp_max(float v) {
   return v;
 }
 
-// Block-wide reductions in a fixed order (deterministic). `scratch` holds >= 32 entries;
+// Block-wide reductions in a fixed order (deterministic): `warp_op` reduces a warp,
+// `combine` / `init` fold the warp results in warp order. `scratch` holds >= 32 entries;
 // every thread gets the result.
-template <typename T>
-__device__ __forceinline__ T block_sum(T v, T* scratch) {
+template <typename T, typename WarpOp, typename Combine>
+__device__ __forceinline__ T block_reduce(T v, T* scratch, WarpOp warp_op, Combine combine, T init) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = (blockDim.x + 31) >> 5;
-  v = warp_sum(v);
+  v = warp_op(v);
   __syncthreads();
   if (lane == 0) scratch[warp] = v;
   __syncthreads();
-  T total = T(0);
-  for (int w = 0; w < nw; ++w) total += scratch[w];
+  T total = init;
+  for (int w = 0; w < nw; ++w) total = combine(total, scratch[w]);
   return total;
 }
+template <typename T>
+__device__ __forceinline__ T block_sum(T v, T* scratch) {
+  return block_reduce(v, scratch, [](T x) { return warp_sum(x); }, [](T x, T y) { return x + y; }, T(0));
+}
 __device__ __forceinline__ float block_max(float v, float* scratch) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = (blockDim.x + 31) >> 5;
-  v = warp_max(v);
-  __syncthreads();
-  if (lane == 0) scratch[warp] = v;
-  __syncthreads();
-  float total = -INFINITY;
-  for (int w = 0; w < nw; ++w) total = fmaxf(total, scratch[w]);
-  return total;
+  return block_reduce(v, scratch, [](float x) { return warp_max(x); }, [](float x, float y) { return fmaxf(x, y); },
+                      -INFINITY);
 }
 
 }  // namespace selection

@@ -26,6 +26,19 @@ __device__ __forceinline__ int64_t last_causal_block_dev(int64_t r, int64_t Nq, 
   return (off + end - 1) / bs;
 }
 
+// (mx, sum) += (M, T) for sums kept as sum * 2^mx: the larger reference stays; empty
+// terms (T = 0) are skipped.
+__device__ __forceinline__ void log2_sum_add(float& mx, float& sum, float M, float T) {
+  if (T > 0.f) {
+    if (M > mx) {
+      sum = sum * exp2f(mx - M) + T;
+      mx = M;
+    } else {
+      sum += T * exp2f(M - mx);
+    }
+  }
+}
+
 // Steps 1-4 from the rep kernel's records, one CTA per head (grid B * Hq, kSelectThreads):
 //   (a) the row LSE, lse2 [B, Hq, m] (log2 units);
 //   (b) per key block c the mass counted in H and in L, apart for the rows whose position
@@ -64,15 +77,7 @@ __global__ void __launch_bounds__(kSelectThreads) finish_kernel(const SelectPara
     float mx = -INFINITY, sum = 0.f;
 #pragma unroll 4
     for (int64_t sp = cg; sp < S; sp += ncg) {
-      const float M = pr[sp * m], T = ps[sp * m];
-      if (T > 0.f) {
-        if (M > mx) {
-          sum = sum * exp2f(mx - M) + T;
-          mx = M;
-        } else {
-          sum += T * exp2f(M - mx);
-        }
-      }
+      log2_sum_add(mx, sum, pr[sp * m], ps[sp * m]);
     }
     part_m[tid] = mx;
     part_s[tid] = sum;
@@ -80,15 +85,7 @@ __global__ void __launch_bounds__(kSelectThreads) finish_kernel(const SelectPara
     if (tid < m) {
       float M = -INFINITY, T = 0.f;
       for (int g = 0; g < ncg; ++g) {
-        const float gm = part_m[g * m + tid], gs = part_s[g * m + tid];
-        if (gs > 0.f) {
-          if (gm > M) {
-            T = T * exp2f(M - gm) + gs;
-            M = gm;
-          } else {
-            T += gs * exp2f(gm - M);
-          }
-        }
+        log2_sum_add(M, T, part_m[g * m + tid], part_s[g * m + tid]);
       }
       const float l = M + log2f(T);  // every row sees key 0: T > 0
       lse_s[tid] = l;
@@ -326,14 +323,13 @@ __global__ void __launch_bounds__(kQaThreads) qa_estimate_kernel(const SelectPar
         }
     }
   }
-  __syncthreads();  // the logits were written by other lanes than the ones that read them below
   // Row maxima, then the row sums of exp in double (fixed order: lanes, then warps).
 #pragma unroll
   for (int rr = 0; rr < kQaRows; ++rr) {
     const float v = warp_max(mx[rr]);
     if (lane == 0) red_f[rr][warp] = v;
   }
-  __syncthreads();
+  __syncthreads();  // also orders the logit writes before the reads below (other lanes' entries)
 #pragma unroll
   for (int rr = 0; rr < kQaRows; ++rr) {
     float v = -INFINITY;
