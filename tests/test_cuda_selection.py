@@ -282,6 +282,10 @@ def test_bad_inputs_raise():
         flexprefill.select_blocks(q, k.cpu(), block_size=64)
     with pytest.raises(RuntimeError, match="seqlen_q"):
         flexprefill.select_blocks(q, k[:, :100], block_size=64)
+    # 2^31 keys (a stride-0 view: no memory): positions no longer fit the kernels' int32
+    k_long = torch.zeros(1, 1, 2, 64, device="cuda", dtype=torch.bfloat16).expand(1, 2**31, 2, 64)
+    with pytest.raises(RuntimeError, match="too long"):
+        flexprefill.select_blocks(q, k_long, block_size=64)
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs (tensors on a non-current device)")

@@ -25,7 +25,7 @@
 //
 // One CTA = `heads_per_cta` query heads of one GQA group x one split of `split_keys` keys;
 // m / 32 warps per head, each owning 32 rows (two m16 tiles, so every B fragment feeds
-// four mma). Q̂ fragments stay in registers (D <= 128) or shared memory (D = 256); K
+// four mma). Q̂ stays in shared memory (A fragments by ldmatrix at every k-step); K
 // streams through a kStages-deep cp.async ring of 64-key tiles that all the CTA's heads
 // share, one __syncthreads per tile.
 #pragma once
@@ -57,7 +57,6 @@ struct RepParams {
   float* qhat_mean;  // [B, Hq, D]
 };
 
-constexpr int kRepStages = 4;
 constexpr int kPoolPartFloats = 512;  // K pooling partials per parity: [phases][D / 2 pairs][2] <= 2 * max(256, D / 2)
 
 // Shared-memory layout (bytes), the same on host and device.
@@ -73,7 +72,7 @@ __host__ __device__ inline RepSmem rep_smem_layout(int D, int m, int heads_per_c
   RepSmem s;
   s.q_off = 0;
   s.k_off = up(heads_per_cta * m * ld * 2);
-  s.pool_off = s.k_off + up(kRepStages * kTileKeys * ld * 2);
+  s.pool_off = s.k_off + up(rep_stages(D) * kTileKeys * ld * 2);
   s.total = s.pool_off + 2 * kPoolPartFloats * 4;  // two parities of K-pooling partials
   (void)threads;
   return s;
@@ -96,9 +95,9 @@ __device__ __forceinline__ float2 unpack2(uint32_t w) {
 }
 
 template <bool kBf16, int kD>
-__global__ void __launch_bounds__(256, 1) rep_kernel(const RepParams p) {
+__global__ void __launch_bounds__(256, rep_ctas_per_sm(kD)) rep_kernel(const RepParams p) {
   using Element = std::conditional_t<kBf16, __nv_bfloat16, __half>;
-  constexpr bool kQRegs = kD <= 128;     // Q̂ fragments in registers
+  constexpr int kStages = rep_stages(kD);
   constexpr int kSteps = kD / 16;        // k-steps of one 64-key tile
   constexpr int kChunks = kD / 8;        // 16-byte chunks per row
   constexpr int ld = kD + 8;
@@ -141,7 +140,7 @@ __global__ void __launch_bounds__(256, 1) rep_kernel(const RepParams p) {
     }
   };
 #pragma unroll
-  for (int s = 0; s < kRepStages - 1; ++s) {
+  for (int s = 0; s < kStages - 1; ++s) {
     if (s < ntile) load_k(s, s);
     cp_async_commit();  // group s (the first one also holds Q̂)
   }
@@ -186,7 +185,7 @@ __global__ void __launch_bounds__(256, 1) rep_kernel(const RepParams p) {
     }
   };
 
-  cp_async_wait<kRepStages - 2>();  // Q̂ and tile 0 have landed (for this thread)
+  cp_async_wait<kStages - 2>();  // Q̂ and tile 0 have landed (for this thread)
   __syncthreads();
   if (split == 0) {  // mean(Q̂) of the CTA's heads: thread per (head, dim), rows in order
     for (int idx = tid; idx < hpc * kD; idx += nthreads) {
@@ -199,26 +198,17 @@ __global__ void __launch_bounds__(256, 1) rep_kernel(const RepParams p) {
       p.qhat_mean[(static_cast<int64_t>(b) * p.heads_q + h_first + hl) * kD + d] = s / static_cast<float>(m);
     }
   }
-  uint32_t qf[kQRegs ? kSteps : 1][2][4];
-  if constexpr (kQRegs) {
-#pragma unroll
-    for (int st = 0; st < kSteps; ++st) {
-      ldmatrix_x4(qf[st][0], q_addr + st * 32);
-      ldmatrix_x4(qf[st][1], q_addr + (16 * ld + st * 16) * 2);
-    }
-  }
-
   for (int tile = 0; tile < ntile; ++tile) {
     if (tile > 0) {
-      cp_async_wait<kRepStages - 2>();
+      cp_async_wait<kStages - 2>();
       __syncthreads();  // tile `tile` landed for all; everyone is done with tile - 1's buffer
     }
     {
-      const int nt = tile + kRepStages - 1;
-      if (nt < ntile) load_k(nt, nt % kRepStages);
+      const int nt = tile + kStages - 1;
+      if (nt < ntile) load_k(nt, nt % kStages);
       cp_async_commit();
     }
-    const int buf = tile % kRepStages;
+    const int buf = tile % kStages;
     const int kt = ks + tile * kTileKeys;
     const int c = kt >> bs_shift, base = kt & (bs - 1);  // key block of the tile, offset of the tile in it
     const bool first_in_block = base == 0;
@@ -245,16 +235,8 @@ __global__ void __launch_bounds__(256, 1) rep_kernel(const RepParams p) {
 #pragma unroll
     for (int st = 0; st < kSteps; ++st) {
       uint32_t a0[4], a1[4];
-      if constexpr (kQRegs) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          a0[e] = qf[st][0][e];
-          a1[e] = qf[st][1][e];
-        }
-      } else {
-        ldmatrix_x4(a0, q_addr + st * 32);
-        ldmatrix_x4(a1, q_addr + (16 * ld + st * 16) * 2);
-      }
+      ldmatrix_x4(a0, q_addr + st * 32);
+      ldmatrix_x4(a1, q_addr + (16 * ld + st * 16) * 2);
 #pragma unroll
       for (int np = 0; np < 4; ++np) {
         uint32_t bb[4];

@@ -85,6 +85,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> select_blocks_cuda(const at::Tens
 
   const int64_t B = q.size(0), Nq = q.size(1), Hq = q.size(2), Nk = k.size(1);
   const int64_t NBq = cdiv(Nq, block_size), NBk = cdiv(Nk, block_size);
+  // The kernels index positions in int32 and a head's (query block, key block) pairs in uint32.
+  TORCH_CHECK(Nk <= INT32_MAX && NBq * NBk <= UINT32_MAX, op, ": seqlen_k (", Nk, ") with block_size ", block_size,
+              " is too long for the CUDA selection: it supports seqlen_k < 2^31 and ceil(seqlen_q / block_size) * "
+              "ceil(seqlen_k / block_size) < 2^32");
   const auto opts = q.options();
   at::Tensor kv_count = at::empty({B, Hq, NBq}, opts.dtype(at::kInt));           // [B, Hq, NBq] int32
   at::Tensor kv_index = at::empty({B, Hq, NBq, NBk}, opts.dtype(at::kInt));      // [B, Hq, NBq, NBk] int32
@@ -119,6 +123,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> select_blocks_cuda(const at::Tens
     if (!small) C10_CUDA_CHECK(cudaMemsetAsync(w.qa, 0, sizeof(uint32_t) * B * Hq * plan.qa_words, stream));
     for (int64_t wave = 0; wave < plan.waves; ++wave) {
       const int64_t head0 = wave * plan.heads_per_wave;
+      C10_CUDA_CHECK(selection::launch_qa_pool(p, plan, w, head0, stream));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
       C10_CUDA_CHECK(selection::launch_qa_estimate(p, plan, w, head0, stream));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       if (small) {  // one CTA per head; it also zeroes the words of the other heads

@@ -209,19 +209,74 @@ __global__ void __launch_bounds__(kSelectThreads) finish_kernel(const SelectPara
   }
 }
 
-// Step 5's estimate, per wave of heads [head0, head0 + heads_per_wave), for the query-aware
-// heads: est[hw, r, :] = softmax over the causal key blocks of s pool(Q)[r] . pool(K) / NBq,
-// zeros elsewhere (the reference's masked softmax, flattened over the head). One CTA =
-// kQaRows query blocks of one head: pool their queries (fp32 mean, into shared memory),
-// the logits against every causal key block (thread per key block, all rows at once), then
-// the row softmax (double sums, fixed order). grid (ceil(NBq / kQaRows), heads_per_wave), 256 threads.
+// Step 5's pool(Q) for the query-aware heads of a wave [head0, head0 + heads_per_wave):
+// poolq[hw, r, :] = fp32 mean of the queries of block r. Thread -> 16-byte chunk of a row
+// and a row group (rows gi, gi + groups, ...: up to 8 loads in flight), then the groups
+// combine in shared memory (fixed order). grid (NBq, heads_per_wave), kQaPoolThreads.
+constexpr int kQaPoolThreads = 256;
+template <bool kBf16>
+__global__ void __launch_bounds__(kQaPoolThreads) qa_pool_kernel(const SelectParams p, int64_t head0,
+                                                                 const bool* query_aware, float* poolq) {
+  __shared__ float part[kQaPoolThreads * 8];  // [groups][D]
+  const int64_t hw = blockIdx.y, head = head0 + hw;
+  if (head >= p.batch * p.heads_q || !query_aware[head]) return;
+  const int64_t b = head / p.heads_q, h = head - b * p.heads_q, r = blockIdx.x, bs = p.block_size;
+  const int D = static_cast<int>(p.head_dim), chunks = D / 8, groups = kQaPoolThreads / chunks;
+  const int tid = threadIdx.x, c8 = tid % chunks, gi = tid / chunks;
+  const int64_t row0 = r * bs;
+  const int count = static_cast<int>((row0 + bs < p.seqlen_q ? row0 + bs : p.seqlen_q) - row0);
+  float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+  auto add = [&](const uint4& v) {
+    const uint32_t w4[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      float2 f;
+      if constexpr (kBf16) {
+        f = make_float2(__uint_as_float(w4[e] << 16), __uint_as_float(w4[e] & 0xffff0000u));
+      } else {
+        f = __half22float2(*reinterpret_cast<const __half2*>(&w4[e]));
+      }
+      acc[2 * e] += f.x;
+      acc[2 * e + 1] += f.y;
+    }
+  };
+  if (gi < groups) {
+    const auto* src = static_cast<const uint16_t*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride +
+                      (row0 + gi) * p.q_row_stride + c8 * 8;
+    const int64_t step = groups * p.q_row_stride;
+    int i = gi;
+    for (; i + 7 * groups < count; i += 8 * groups, src += 8 * step) {
+      uint4 v[8];
+#pragma unroll
+      for (int u = 0; u < 8; ++u) v[u] = __ldg(reinterpret_cast<const uint4*>(src + u * step));
+#pragma unroll
+      for (int u = 0; u < 8; ++u) add(v[u]);
+    }
+    for (; i < count; i += groups, src += step) add(__ldg(reinterpret_cast<const uint4*>(src)));
+#pragma unroll
+    for (int e = 0; e < 8; ++e) part[gi * D + c8 * 8 + e] = acc[e];
+  }
+  __syncthreads();
+  float* out = poolq + (hw * p.num_q_blocks + r) * D;
+  for (int d = tid; d < D; d += kQaPoolThreads) {
+    float s = 0.f;
+    for (int g = 0; g < groups; ++g) s += part[g * D + d];
+    out[d] = s / static_cast<float>(count);
+  }
+}
+
+// Step 5's estimate, per wave of heads, for the query-aware heads: est[hw, r, :] =
+// softmax over the causal key blocks of s pool(Q)[r] . pool(K) / NBq, zeros elsewhere (the
+// reference's masked softmax, flattened over the head). One CTA = kQaRows query blocks of
+// one head: the logits against every causal key block (8 lanes per key block, all rows at
+// once), then the row softmax (double sums, fixed order).
+// grid (ceil(NBq / kQaRows), heads_per_wave), kQaThreads threads.
 constexpr int kQaRows = 4;
 constexpr int kQaThreads = 256;
-__global__ void __launch_bounds__(kQaThreads) qa_estimate_kernel(const SelectParams p, int64_t head0,
+__global__ void __launch_bounds__(kQaThreads, 3) qa_estimate_kernel(const SelectParams p, int64_t head0,
                                                                   const bool* query_aware, const float* pool_k,
-                                                                  float* est) {
+                                                                  const float* poolq, float* est) {
   __shared__ __align__(16) float pq[kQaRows][256];  // pooled queries of the CTA's blocks
-  __shared__ float part[kQaThreads * 8];            // pooling partials [groups][D]
   __shared__ float red_f[kQaRows][kQaThreads / 32];
   __shared__ double red_d[kQaRows][kQaThreads / 32];
   const int64_t hw = blockIdx.y, head = head0 + hw;
@@ -232,65 +287,28 @@ __global__ void __launch_bounds__(kQaThreads) qa_estimate_kernel(const SelectPar
   const int D = static_cast<int>(p.head_dim);
   const int64_t r0 = static_cast<int64_t>(blockIdx.x) * kQaRows;
   const int nrows = static_cast<int>(NBq - r0 < kQaRows ? NBq - r0 : kQaRows);
-
-  // Pooling: thread -> 16-byte chunk c of a row, row group gi; 8 rows in flight per thread.
-  const auto* q = static_cast<const uint16_t*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride;
-  const int chunks = D / 8, groups = kQaThreads / chunks;
-  const int c8 = tid % chunks, gi = tid / chunks;
-  for (int rr = 0; rr < nrows; ++rr) {
-    const int64_t row0 = (r0 + rr) * bs;
-    const int64_t count = (row0 + bs < p.seqlen_q ? row0 + bs : p.seqlen_q) - row0;
-    float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-    if (gi < groups) {
-      for (int64_t r = gi; r < count; r += 8 * groups) {
-        uint4 v[8];
-#pragma unroll
-        for (int u = 0; u < 8; ++u) {
-          const int64_t rowi = r + u * groups;
-          v[u] = rowi < count ? *reinterpret_cast<const uint4*>(q + (row0 + rowi) * p.q_row_stride + c8 * 8)
-                              : make_uint4(0u, 0u, 0u, 0u);
-        }
-#pragma unroll
-        for (int u = 0; u < 8; ++u) {
-          const uint32_t w4[4] = {v[u].x, v[u].y, v[u].z, v[u].w};
-#pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            if (p.is_bf16) {
-              acc[2 * e] += __uint_as_float(w4[e] << 16);
-              acc[2 * e + 1] += __uint_as_float(w4[e] & 0xffff0000u);
-            } else {
-              acc[2 * e] += __half2float(__ushort_as_half(static_cast<unsigned short>(w4[e] & 0xffffu)));
-              acc[2 * e + 1] += __half2float(__ushort_as_half(static_cast<unsigned short>(w4[e] >> 16)));
-            }
-          }
-        }
-      }
-#pragma unroll
-      for (int e = 0; e < 8; ++e) part[gi * D + c8 * 8 + e] = acc[e];
-    }
-    __syncthreads();
-    for (int d = tid; d < D; d += kQaThreads) {
-      float s = 0.f;
-      for (int g = 0; g < groups; ++g) s += part[g * D + d];
-      pq[rr][d] = s / static_cast<float>(count);
-    }
+  {
+    const float* src = poolq + (hw * NBq + r0) * D;
+    for (int rr = 0; rr < nrows; ++rr)
+      for (int d = tid; d < D; d += kQaThreads) pq[rr][d] = src[rr * D + d];
     __syncthreads();
   }
 
-  // Logits: thread -> key blocks tid, tid + 256, ...; all the CTA's rows at once.
-  int64_t chi[kQaRows];
+  // Logits: 8 lanes -> key blocks; all the CTA's rows at once.
+  int chi[kQaRows];
 #pragma unroll
-  for (int rr = 0; rr < kQaRows; ++rr) chi[rr] = rr < nrows ? last_causal_block_dev(r0 + rr, p.seqlen_q, p.seqlen_k, bs) : -1;
+  for (int rr = 0; rr < kQaRows; ++rr)
+    chi[rr] = rr < nrows ? static_cast<int>(last_causal_block_dev(r0 + rr, p.seqlen_q, p.seqlen_k, bs)) : -1;
   const int64_t chi_max = last_causal_block_dev(r0 + nrows - 1, p.seqlen_q, p.seqlen_k, bs);  // chi grows with r
   const float* pk = pool_k + (b * p.heads_kv + hk) * NBk * D;
   float* e0 = est + (hw * NBq + r0) * NBk;
   float mx[kQaRows];
 #pragma unroll
   for (int rr = 0; rr < kQaRows; ++rr) mx[rr] = -INFINITY;
-  // tpc lanes share a key block when there are few (a short input): each sums every
-  // tpc-th float4 of the dot products, then the lanes combine (fixed order).
-  int tpc = 1;
-  while (tpc < 8 && (chi_max + 1) * tpc * 2 <= kQaThreads) tpc *= 2;
+  // tpc = 8 lanes share a key block: each sums every 8th float4 of the dot products (a
+  // quarter warp reads 128 contiguous bytes of a pool(K) row), then they combine in a fixed
+  // order.
+  constexpr int tpc = 8;
   const int sub = tid % tpc;
   for (int64_t cb = 0; cb <= chi_max; cb += kQaThreads / tpc) {  // uniform: every lane shuffles
     const int64_t c = cb + tid / tpc;
@@ -298,15 +316,21 @@ __global__ void __launch_bounds__(kQaThreads) qa_estimate_kernel(const SelectPar
     float dot[kQaRows];
 #pragma unroll
     for (int rr = 0; rr < kQaRows; ++rr) dot[rr] = 0.f;
-    if (valid) {
+    if (valid) {  // every load of the lane's slice of the row first, then the products
+      constexpr int kMaxF4 = 256 / 4 / tpc;  // D <= 256
       const float4* kr = reinterpret_cast<const float4*>(pk + c * D);
-#pragma unroll 8  // independent row loads in flight
-      for (int d4 = sub; d4 < D / 4; d4 += tpc) {
-        const float4 kv = kr[d4];
+      float4 kv[kMaxF4];
+#pragma unroll
+      for (int j = 0; j < kMaxF4; ++j)
+        kv[j] = sub + j * tpc < D / 4 ? __ldg(kr + sub + j * tpc) : make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll
+      for (int j = 0; j < kMaxF4; ++j) {
+        const int d4 = sub + j * tpc;
+        if (d4 >= D / 4) break;
 #pragma unroll
         for (int rr = 0; rr < kQaRows; ++rr) {
           const float4 qv = *reinterpret_cast<const float4*>(&pq[rr][4 * d4]);
-          dot[rr] += qv.x * kv.x + qv.y * kv.y + qv.z * kv.z + qv.w * kv.w;
+          dot[rr] += qv.x * kv[j].x + qv.y * kv[j].y + qv.z * kv[j].z + qv.w * kv[j].w;
         }
       }
     }
@@ -521,61 +545,51 @@ __global__ void __launch_bounds__(kSelectThreads) qa_mark_kernel(const SelectPar
   }
 }
 
-__device__ __forceinline__ bool any_bit(const uint32_t* words, int64_t a, int64_t b) {
-  for (int64_t w = a >> 5; w <= (b >> 5); ++w) {
-    uint32_t v = words[w];
-    if (w == (a >> 5)) v &= ~0u << (a & 31);
-    if (w == (b >> 5) && (b & 31) != 31) v &= (1u << ((b & 31) + 1)) - 1u;
-    if (v) return true;
-  }
-  return false;
-}
+__device__ __forceinline__ bool test_bit(const uint32_t* words, int i) { return (words[i >> 5] >> (i & 31)) & 1u; }
 
 // Steps 4-7 together: kv_count [B, Hq, NBq], kv_index [B, Hq, NBq, NBk] (ascending, then
-// zeros). One warp per query block; grid (ceil(NBq / 4), Hq, B), 128 threads.
+// zeros). One warp per query block; grid (ceil(NBq / 4), Hq, B), 128 threads. 32-bit
+// positions (the op limits lengths to int32) and shifts for the block size (a power of two).
 __global__ void assemble_kernel(const SelectParams p, const SelectPlan plan, const uint32_t* cols,
                                 const uint32_t* bins, const uint32_t* qa, bool all_causal) {
   const int lane = threadIdx.x & 31;
-  const int64_t r = static_cast<int64_t>(blockIdx.x) * kAssembleRowsPerCta + (threadIdx.x >> 5);
+  const int r = static_cast<int>(blockIdx.x) * kAssembleRowsPerCta + (threadIdx.x >> 5);
   if (r >= p.num_q_blocks) return;
   const int64_t h = blockIdx.y, b = blockIdx.z, head = b * p.heads_q + h;
-  const int64_t bs = p.block_size, Nq = p.seqlen_q, Nk = p.seqlen_k, NBk = p.num_k_blocks;
-  const int64_t lo = Nk - Nq + r * bs;
-  const int64_t hi = Nk - Nq + (r * bs + bs < Nq ? r * bs + bs : Nq) - 1;
-  const int64_t chi = hi / bs, clo = lo / bs;
+  const int bs = static_cast<int>(p.block_size), sh = __ffs(bs) - 1;
+  const int Nq = static_cast<int>(p.seqlen_q), Nk = static_cast<int>(p.seqlen_k);
+  const int NBk = static_cast<int>(p.num_k_blocks);
+  const int lo = Nk - Nq + r * bs;
+  const int hi = Nk - Nq + (r * bs + bs < Nq ? r * bs + bs : Nq) - 1;
+  const int chi = hi >> sh, clo = lo >> sh;
   const int64_t row = head * p.num_q_blocks + r;
   int32_t* out = p.kv_index + row * NBk;
-  int64_t count = 0;
+  int count = 0;
   if (all_causal) {
-    for (int64_t c = lane; c < NBk; c += 32) out[c] = c <= chi ? static_cast<int32_t>(c) : 0;
+    for (int c = lane; c < NBk; c += 32) out[c] = c <= chi ? c : 0;
     count = chi + 1;
   } else {
     const uint32_t* cw = cols + head * plan.cols_words;
     const uint32_t* tw = bins + head * plan.cols_words;
     const uint32_t* qw = plan.any_query_aware ? qa + head * plan.qa_words : nullptr;
-    for (int64_t c0 = 0; c0 <= chi; c0 += 32) {
-      const int64_t c = c0 + lane;
+    for (int c0 = 0; c0 <= chi; c0 += 32) {
+      const int c = c0 + lane;
       bool keep = false;
       if (c <= chi) {
-        keep = c == 0 || c >= clo || ((cw[c >> 5] >> (c & 31)) & 1u);
-        if (!keep && qw) {
-          const int64_t f = r * NBk + c;
-          keep = (qw[f >> 5] >> (f & 31)) & 1u;
-        }
-        if (!keep) {  // a selected distance in [lo - c bs - bs + 1, hi - c bs] (bins of bs)
-          int64_t a = lo - c * bs - bs + 1, e = hi - c * bs;
-          a = a > 0 ? a : 0;
-          e = e < Nk - 1 ? e : Nk - 1;
-          keep = a <= e && any_bit(tw, a / bs, e / bs);
+        keep = c == 0 || c >= clo || test_bit(cw, c);
+        if (!keep && qw) keep = test_bit(qw, r * NBk + c);
+        if (!keep) {  // a selected distance in [lo - c bs - bs + 1, hi - c bs] (bins of bs): <= 3 bins
+          const int a = max(lo - c * bs - bs + 1, 0), e = min(hi - c * bs, Nk - 1);
+          for (int t = a >> sh; t <= (e >> sh) && a <= e; ++t) keep |= test_bit(tw, t);
         }
       }
       const uint32_t ballot = __ballot_sync(0xffffffffu, keep);
-      if (keep) out[count + __popc(ballot & ((1u << lane) - 1u))] = static_cast<int32_t>(c);
+      if (keep) out[count + __popc(ballot & ((1u << lane) - 1u))] = c;
       count += __popc(ballot);
     }
-    for (int64_t j = count + lane; j < NBk; j += 32) out[j] = 0;
+    for (int j = count + lane; j < NBk; j += 32) out[j] = 0;
   }
-  if (lane == 0) p.kv_count[row] = static_cast<int32_t>(count);
+  if (lane == 0) p.kv_count[row] = count;
 }
 
 // ---------------------------------------------------------------------------------------
@@ -586,10 +600,20 @@ inline cudaError_t launch_finish(const SelectParams& p, const SelectPlan& plan, 
   finish_kernel<<<p.batch * p.heads_q, kSelectThreads, 0, s>>>(p, plan, w);
   return cudaGetLastError();
 }
+inline cudaError_t launch_qa_pool(const SelectParams& p, const SelectPlan& plan, const SelectBuffers& w, int64_t head0,
+                                  cudaStream_t s) {
+  const dim3 grid(p.num_q_blocks, plan.heads_per_wave);
+  if (p.is_bf16) {
+    qa_pool_kernel<true><<<grid, kQaPoolThreads, 0, s>>>(p, head0, p.query_aware, w.poolq);
+  } else {
+    qa_pool_kernel<false><<<grid, kQaPoolThreads, 0, s>>>(p, head0, p.query_aware, w.poolq);
+  }
+  return cudaGetLastError();
+}
 inline cudaError_t launch_qa_estimate(const SelectParams& p, const SelectPlan& plan, const SelectBuffers& w,
                                       int64_t head0, cudaStream_t s) {
-  dim3 grid((p.num_q_blocks + kQaRows - 1) / kQaRows, plan.heads_per_wave);
-  qa_estimate_kernel<<<grid, kQaThreads, 0, s>>>(p, head0, p.query_aware, w.pool_k, w.est);
+  const dim3 grid((p.num_q_blocks + kQaRows - 1) / kQaRows, plan.heads_per_wave);
+  qa_estimate_kernel<<<grid, kQaThreads, 0, s>>>(p, head0, p.query_aware, w.pool_k, w.poolq, w.est);
   return cudaGetLastError();
 }
 inline cudaError_t launch_qa_select_small(const SelectParams& p, const SelectPlan& plan, const SelectBuffers& w,

@@ -9,7 +9,7 @@
 //   finish     one CTA per head: row LSE, vertical mass [B,Hq,NBk], slash bin mass
 //              [B,Hq,NBk], the JSD decision query_aware [B,Hq], and the vertical-slash
 //              selection (column / distance-bin bitmasks)                           (steps 2-4)
-//   per wave of heads: qa_estimate (pool(Q), logits, row softmax), then the selection:
+//   per wave of heads: qa_pool (pool(Q)), qa_estimate (logits, row softmax), then the selection:
 //              one CTA per head (qa_select_small) when NBq * NBk <= kQaSmallMax, else
 //              qa_radix_level (<= 6 launches, many CTAs per head) and qa_mark     (step 5)
 //   assemble   kv_count, kv_index                                                  (steps 4-7)
@@ -36,6 +36,12 @@ constexpr int kAssembleRowsPerCta = 4;    // one warp per query block
 constexpr size_t kRadixStateBytes = 64 + 3 * 2048 * 4;  // step-5 radix state + global histogram per head
 constexpr size_t kEstBudgetBytes = size_t(48) << 20;  // step-5 estimate scratch per wave (<= 64 MiB in all at 128k)
 
+// Occupancy by head dim: up to D = 128 two CTAs share an SM (<= 128 registers a thread:
+// twice the warps to hide the latency of the exponentials' dependency chains); D = 256
+// keeps one. The K ring is as deep as shared memory allows for that occupancy.
+constexpr int rep_ctas_per_sm(int D) { return D <= 128 ? 2 : 1; }
+constexpr int rep_stages(int D) { return D > 96 && D <= 128 ? 2 : 4; }
+
 inline size_t align_up(size_t x, size_t a) { return (x + a - 1) / a * a; }
 
 struct SelectPlan {
@@ -56,7 +62,7 @@ struct SelectPlan {
   size_t off_pool_k = 0, off_qhat_mean = 0, off_jsd_logits = 0, off_vert = 0;
   size_t off_cols = 0, off_bins = 0, off_qa = 0;
   size_t off_rec = 0, off_part_ref = 0, off_part_sum = 0, off_abcd = 0, off_lse2 = 0, off_slash = 0;
-  size_t off_est = 0, off_radix = 0;
+  size_t off_poolq = 0, off_est = 0, off_radix = 0;
   size_t workspace_bytes = 0;
 };
 
@@ -75,6 +81,7 @@ struct SelectBuffers {
   float* abcd;         // [B, Hq, NBk, 4]        per key block: H and L mass of the two row groups
   float* lse2;         // [B, Hq, m]             (log2 units)
   float* slash;        // [B, Hq, NBk]           slash mass per distance bin
+  float* poolq;        // [heads_per_wave, NBq, D]  pool(Q) of the query-aware heads
   float* est;          // [heads_per_wave, NBq, NBk]
   unsigned char* radix;  // [heads_per_wave, kRadixStateBytes]
 };
@@ -88,7 +95,7 @@ inline SelectBuffers select_buffers(const SelectPlan& plan, void* workspace) {
                        u(plan.off_qa),       f(plan.off_rec),       f(plan.off_part_ref),
                        f(plan.off_part_sum), f(plan.off_abcd),
                        f(plan.off_lse2),     f(plan.off_slash),
-                       f(plan.off_est),       base + plan.off_radix};
+                       f(plan.off_poolq),    f(plan.off_est),       base + plan.off_radix};
 }
 
 // Causal key-block bound of query block r: hi_r // bs (reference `_block_rows`).
@@ -112,12 +119,13 @@ inline SelectPlan make_select_plan(const SelectParams& p, double gamma, double t
   plan.rows = std::min(bs, Nq);
   int64_t split = kSplitKeysMax;
   auto cdiv = [](int64_t a, int64_t b) { return (a + b - 1) / b; };
-  // CTAs of the rep kernel (one per SM): about BH / min(group, 256 / m) per split (heads of
-  // a GQA group share a CTA); shorter splits until they fill 90% of the GPU once (every
-  // CTA first loads Q̂: longer splits amortise it).
+  // CTAs of the rep kernel (rep_ctas_per_sm per SM): about BH / min(group, 256 / m) per
+  // split (heads of a GQA group share a CTA); shorter splits until they fill 90% of the GPU
+  // once (every CTA first loads Q̂: longer splits amortise it).
   const int64_t group = p.heads_q / p.heads_kv;
   const int64_t per_cta = std::max<int64_t>(1, std::min<int64_t>(group, 256 / std::min(bs, Nq)));
-  while (split > kSplitKeysMin && 10 * (BH / per_cta) * cdiv(Nk, split) < 9 * num_sms) split /= 2;
+  const int64_t slots = static_cast<int64_t>(num_sms) * rep_ctas_per_sm(static_cast<int>(p.head_dim));
+  while (split > kSplitKeysMin && 10 * (BH / per_cta) * cdiv(Nk, split) < 9 * slots) split /= 2;
   plan.split_keys = split;
   plan.num_splits = cdiv(Nk, split);
 
@@ -155,9 +163,10 @@ inline SelectPlan make_select_plan(const SelectParams& p, double gamma, double t
 
   off = phase_start;
   if (plan.any_query_aware && !plan.keep_all) {
-    const size_t per_head = sizeof(float) * NBq * NBk + kRadixStateBytes;
+    const size_t per_head = sizeof(float) * NBq * (NBk + D) + kRadixStateBytes;
     plan.heads_per_wave = std::max<int64_t>(1, std::min<int64_t>(BH, kEstBudgetBytes / per_head));
     plan.waves = cdiv(BH, plan.heads_per_wave);
+    plan.off_poolq = take(sizeof(float) * plan.heads_per_wave * NBq * D);
     plan.off_est = take(sizeof(float) * plan.heads_per_wave * NBq * NBk);
     plan.off_radix = take(kRadixStateBytes * plan.heads_per_wave);
   }
