@@ -175,6 +175,23 @@ def test_select_blocks_matches_reference(case):
     assert len(ties) <= max(1, B * Hq // 8), f"too many near-tie heads: {ties}"
 
 
+@pytest.mark.parametrize("n", [3000, 9000])
+def test_query_aware_exact_ties(n):
+    """Every key equal: pool(K) rows are identical, so each query block's estimate is
+    uniform (exact ties in the kernel and in the reference alike) and the gamma cut falls
+    inside a tie group, which must be broken by index like the reference's stable sort.
+    9000 tokens at bs 64 give 141 * 141 > 16384 estimate entries: the multi-CTA selection,
+    whose chunks rank their ties after the earlier chunks'."""
+    torch.manual_seed(n)
+    q = torch.randn(1, n, 2, 64).to(torch.bfloat16)
+    k = torch.randn(1, 1, 1, 64).to(torch.bfloat16).expand(1, n, 1, 64).contiguous()
+    args = dict(gamma=0.9, tau=0.1, min_budget=0, max_budget=None, block_size=64)
+    got = flexprefill.select_blocks(q.cuda(), k.cuda(), **args)
+    want = reference.select_blocks(q, k, **args)
+    assert bool(want.query_aware.all()), "uniform attention should make every head query-aware"
+    assert_same_selection(got, want, "cuda vs reference (exact ties)")
+
+
 def test_both_patterns_occur():
     """Structured inputs give query-aware AND vertical-slash heads, and the kernel agrees."""
     case = (1, 2048, 2048, 16, 4, 128, 128, torch.bfloat16, True, 0.9, 0.1, 256, None)

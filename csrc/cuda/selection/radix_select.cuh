@@ -239,15 +239,16 @@ __device__ inline Threshold radix_threshold(const float* x, uint32_t n, bool by_
   return th;
 }
 
-// Writes the bitmask words[0, ceil(n / 32)) of the selection: items above the threshold,
-// and the first `take` items equal to it in index order. mode: 0 none, 1 all, 2 threshold.
+// Writes the bitmask words[begin / 32, ceil(n / 32)) of the selection (begin a multiple of
+// 32): items above the threshold, and the first `take` items equal to it in index order,
+// `seen` of which lie before `begin`. mode: 0 none, 1 all, 2 threshold.
 __device__ inline void radix_mark(const float* x, uint32_t n, int mode, const Threshold& th, uint32_t* words,
-                                  RadixSmem& sm) {
+                                  RadixSmem& sm, uint32_t begin = 0, uint32_t seen = 0) {
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const uint32_t n_round = (n + 31) / 32 * 32;
   if (mode != 2 || th.take == th.tie_cnt) {
     constexpr int kBatch = 8;
-    for (uint32_t i0 = tid; i0 < n_round; i0 += kBatch * blockDim.x) {  // loads first, then votes
+    for (uint32_t i0 = begin + tid; i0 < n_round; i0 += kBatch * blockDim.x) {  // loads first, then votes
       bool sel[kBatch];
 #pragma unroll
       for (int u = 0; u < kBatch; ++u) {
@@ -265,8 +266,7 @@ __device__ inline void radix_mark(const float* x, uint32_t n, int mode, const Th
     return;
   }
   // Ties split: rank the equal items in index order, one CTA-wide chunk at a time.
-  uint32_t seen = 0;  // equal items in earlier chunks
-  for (uint32_t base = 0; base < n_round; base += blockDim.x) {
+  for (uint32_t base = begin; base < n_round; base += blockDim.x) {
     const uint32_t i = base + tid;
     uint32_t bits = 0;
     if (i < n) bits = item_bits(x[i]);

@@ -421,6 +421,7 @@ struct GridRadixState {
   uint32_t K;     // target rank of the count descent
   uint32_t mark;  // when done: 0 none, 1 all, 2 by threshold
   uint32_t thr_bits, tie_cnt, take, tickets;
+  uint32_t mark_ticket;  // qa_mark with ties split: chunks in the order their CTAs start
 };
 constexpr uint32_t kModeMass = 0, kModeCount = 1, kModeDone = 2;
 
@@ -524,16 +525,46 @@ __global__ void __launch_bounds__(kSelectThreads) qa_mark_kernel(const SelectPar
   __shared__ RadixSmem sm;
   const int64_t hw = blockIdx.y, head = head0 + hw;
   if (head >= p.batch * p.heads_q || !query_aware[head]) return;
-  const GridRadixState* st = radix_state(ws, hw);
+  GridRadixState* st = radix_state(ws, hw);
   const uint32_t mark = st->mark, thr = st->thr_bits, take = st->take, tie = st->tie_cnt;
   const uint32_t n = static_cast<uint32_t>(p.num_q_blocks * p.num_k_blocks);
   const float* x = est + hw * static_cast<int64_t>(n);
   uint32_t* words = qa + head * plan.qa_words;
-  if (mark == 2 && take < tie) {  // ties split at the threshold: rank them in index order (rare)
-    if (blockIdx.x == 0) radix_mark(x, n, 2, Threshold{true, thr, 0, tie, take}, words, sm);
+  const uint32_t chunk = static_cast<uint32_t>(plan.qa_chunk);
+  if (mark == 2 && take < tie) {
+    // Ties split at the threshold: the equal items are ranked in index order across the
+    // chunks. The CTAs take chunks in the order they start (a ticket) and each publishes
+    // the inclusive count of equal items up to its chunk once its predecessor has (the
+    // predecessor is running: no deadlock); the counts live in the head's global
+    // histogram, free after the descent (<= kRadixBuckets * 3 / 2 chunks, else one CTA).
+    const uint32_t nchunks = (n + chunk - 1) / chunk;
+    if (nchunks > kRadixBuckets * 3 / 2) {
+      if (blockIdx.x == 0) radix_mark(x, n, 2, Threshold{true, thr, 0, tie, take}, words, sm);
+      return;
+    }
+    __shared__ uint32_t chunk_id, before;
+    if (threadIdx.x == 0) chunk_id = atomicAdd(&st->mark_ticket, 1u);
+    __syncthreads();
+    const uint32_t j = chunk_id, begin = j * chunk, end = min(begin + chunk, n);
+    uint32_t here = 0;
+    for (uint32_t i = begin + threadIdx.x; i < end; i += blockDim.x) here += item_bits(x[i]) == thr ? 1u : 0u;
+    here = block_sum(here, sm.warp_cnt);
+    if (threadIdx.x == 0) {
+      auto* prefix = reinterpret_cast<unsigned long long*>(radix_global_hist(ws, hw));  // (1 << 32) | count
+      unsigned long long prev = 0;
+      if (j > 0) {
+        do {
+          prev = atomicAdd(prefix + j - 1, 0ull);
+        } while ((prev >> 32) == 0);
+      }
+      const uint32_t prev_cnt = static_cast<uint32_t>(prev);
+      atomicExch(prefix + j, (1ull << 32) | (prev_cnt + here));
+      before = prev_cnt;
+    }
+    __syncthreads();
+    radix_mark(x, end, 2, Threshold{true, thr, 0, tie, take}, words, sm, begin, before);
     return;
   }
-  const uint32_t chunk = static_cast<uint32_t>(plan.qa_chunk);
   const uint32_t begin = blockIdx.x * chunk, end = min(begin + chunk, n);
   const uint32_t end_round = (end + 31) / 32 * 32;
   const int lane = threadIdx.x & 31;
