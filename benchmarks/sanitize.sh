@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # compute-sanitizer memcheck and racecheck on small block_sparse_attention cases (both
 # tile shapes, partial blocks, rows that see no key, GQA, Nq < Nk, validate=True) and
-# select_blocks cases (sparse, query-aware heads over several CTAs, short inputs).
+# select_blocks cases (sparse, query-aware heads over several CTAs, ties at the cut, short inputs).
 # Fails on any reported error. Needs a GPU and flexprefill importable (PYTHONPATH).
 #   bash benchmarks/sanitize.sh
 set -euo pipefail
@@ -38,6 +38,11 @@ for N, Hq, Hkv, D, bs, tau in [(2500, 4, 4, 64, 64, 0.5), (700, 8, 2, 128, 128, 
     q, k, _ = structured_qkv(1, N, Hq, Hkv, D, device="cuda", topic_len=2 * bs)
     sel = flexprefill.select_blocks(q, k, gamma=0.9, tau=tau, min_budget=64, block_size=bs)
     torch.cuda.synchronize()
+# every key equal: exact ties at the query-aware cut, ranked across the chunks of several CTAs
+q = torch.randn(1, 9000, 2, 64, device="cuda", dtype=torch.bfloat16)
+k = torch.randn(1, 1, 1, 64, device="cuda", dtype=torch.bfloat16).expand(1, 9000, 1, 64).contiguous()
+sel = flexprefill.select_blocks(q, k, gamma=0.9, tau=0.1, min_budget=0, block_size=64)
+torch.cuda.synchronize()
 print("sanitize case done")
 PY
 )
