@@ -10,6 +10,17 @@
 namespace flexprefill {
 namespace selection {
 
+// The two bf16 / fp16 values packed in w (low half first) as floats (exact).
+template <bool kBf16>
+__device__ __forceinline__ float2 unpack2(uint32_t w) {
+  if constexpr (kBf16) {
+    return make_float2(__uint_as_float(w << 16), __uint_as_float(w & 0xffff0000u));
+  } else {
+    return make_float2(__half2float(__ushort_as_half(static_cast<unsigned short>(w & 0xffffu))),
+                       __half2float(__ushort_as_half(static_cast<unsigned short>(w >> 16))));
+  }
+}
+
 // Sum over the 32 lanes (float, double or unsigned counts); every lane gets the result.
 template <typename T>
 __device__ __forceinline__ T warp_sum(T v) {

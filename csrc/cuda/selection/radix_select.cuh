@@ -122,6 +122,19 @@ __device__ inline void radix_histogram(const float* x, uint32_t begin, uint32_t 
   __syncthreads();
 }
 
+// Inclusive prefix sums over the lanes of a (count, mass) pair.
+__device__ __forceinline__ void warp_inclusive_scan(uint32_t& c, unsigned long long& m, int lane) {
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const uint32_t cv = __shfl_up_sync(0xffffffffu, c, o);
+    const unsigned long long mv = __shfl_up_sync(0xffffffffu, m, o);
+    if (lane >= o) {
+      c += cv;
+      m += mv;
+    }
+  }
+}
+
 // Scans the buckets from the highest down and finds the one where the running total crosses:
 //   by mass:  fixed_to_float(above_mass + suffix) >= gamma,
 //   by count: above_cnt + suffix >= K.
@@ -137,15 +150,7 @@ __device__ inline void radix_find(bool by_mass, float gamma, uint32_t K, uint32_
   unsigned long long m_scan = m_hi + m_lo;
   const uint32_t c_own = c_scan;
   const unsigned long long m_own = m_scan;
-#pragma unroll
-  for (int o = 1; o < 32; o <<= 1) {
-    const uint32_t cv = __shfl_up_sync(0xffffffffu, c_scan, o);
-    const unsigned long long mv = __shfl_up_sync(0xffffffffu, m_scan, o);
-    if (lane >= o) {
-      c_scan += cv;
-      m_scan += mv;
-    }
-  }
+  warp_inclusive_scan(c_scan, m_scan, lane);
   if (lane == 31) {
     sm.warp_cnt[warp] = c_scan;
     sm.warp_mass[warp] = m_scan;
@@ -156,15 +161,7 @@ __device__ inline void radix_find(bool by_mass, float gamma, uint32_t K, uint32_
     const unsigned long long wm = sm.warp_mass[lane];
     uint32_t sc = wc;
     unsigned long long sw = wm;
-#pragma unroll
-    for (int o = 1; o < 32; o <<= 1) {
-      const uint32_t cv = __shfl_up_sync(0xffffffffu, sc, o);
-      const unsigned long long mv = __shfl_up_sync(0xffffffffu, sw, o);
-      if (lane >= o) {
-        sc += cv;
-        sw += mv;
-      }
-    }
+    warp_inclusive_scan(sc, sw, lane);
     sm.warp_cnt[lane] = sc - wc;
     sm.warp_mass[lane] = sw - wm;
   }

@@ -84,16 +84,6 @@ __device__ __forceinline__ float fast_exp2(float x) {  // 2^x; -inf -> 0 (ex2.ap
   return y;
 }
 
-template <bool kBf16>
-__device__ __forceinline__ float2 unpack2(uint32_t w) {
-  if constexpr (kBf16) {
-    return make_float2(__uint_as_float(w << 16), __uint_as_float(w & 0xffff0000u));
-  } else {
-    return make_float2(__half2float(__ushort_as_half(static_cast<unsigned short>(w & 0xffffu))),
-                       __half2float(__ushort_as_half(static_cast<unsigned short>(w >> 16))));
-  }
-}
-
 template <bool kBf16, int kD>
 __global__ void __launch_bounds__(256, rep_ctas_per_sm(kD)) rep_kernel(const RepParams p) {
   using Element = std::conditional_t<kBf16, __nv_bfloat16, __half>;

@@ -230,12 +230,7 @@ __global__ void __launch_bounds__(kQaPoolThreads) qa_pool_kernel(const SelectPar
     const uint32_t w4[4] = {v.x, v.y, v.z, v.w};
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
-      float2 f;
-      if constexpr (kBf16) {
-        f = make_float2(__uint_as_float(w4[e] << 16), __uint_as_float(w4[e] & 0xffff0000u));
-      } else {
-        f = __half22float2(*reinterpret_cast<const __half2*>(&w4[e]));
-      }
+      const float2 f = unpack2<kBf16>(w4[e]);
       acc[2 * e] += f.x;
       acc[2 * e + 1] += f.y;
     }
