@@ -192,6 +192,21 @@ def test_query_aware_exact_ties(n):
     assert_same_selection(got, want, "cuda vs reference (exact ties)")
 
 
+def test_query_aware_gamma_near_one():
+    """gamma within float rounding of 1 on the multi-CTA path (141 * 141 > 16384 entries):
+    the estimate's mass may never reach float(gamma) = 1, and then the query-aware heads take
+    the top n_allowed blocks by count (qa_mark on one CTA); either way, as the reference."""
+    torch.manual_seed(11)
+    n = 9000
+    q = torch.randn(1, n, 4, 64).to(torch.bfloat16)
+    k = torch.randn(1, n, 2, 64).to(torch.bfloat16)
+    args = dict(gamma=1 - 1e-9, tau=0.5, min_budget=0, max_budget=None, block_size=64)
+    got = flexprefill.select_blocks(q.cuda(), k.cuda(), **args)
+    want = reference.select_blocks(q, k, **args)
+    assert bool(want.query_aware.any()), "Gaussian inputs at tau 0.5 should give query-aware heads"
+    assert_same_selection(got, want, "cuda vs reference (gamma near 1)")
+
+
 def test_both_patterns_occur():
     """Structured inputs give query-aware AND vertical-slash heads, and the kernel agrees."""
     case = (1, 2048, 2048, 16, 4, 128, 128, torch.bfloat16, True, 0.9, 0.1, 256, None)

@@ -52,8 +52,10 @@ __device__ __forceinline__ float fixed_to_float(unsigned long long v) {
 }
 
 // Histogram of the items x[begin, end) whose bits match `prefix` under `pmask`, by digit
-// (bits >> shift) & dmask. Lanes of a warp that hit the same bucket are aggregated
-// (match + redux) so that a crowded bucket costs one shared atomic per warp, not 32.
+// (bits >> shift) & dmask. Every lane adds its own item with shared-memory atomics (count,
+// and the 62-bit fixed-point mass as a low word whose carries go to the high word); a warp
+// whose items all fall in one bucket adds them once (full-mask reductions). No match_any:
+// reductions over a divergent peer mask compile to a loop over the groups.
 __device__ inline void radix_histogram(const float* x, uint32_t begin, uint32_t end, uint32_t prefix,
                                        uint32_t pmask, int shift, uint32_t dmask, bool with_mass, RadixSmem& sm) {
   for (int b = threadIdx.x; b < kRadixBuckets; b += blockDim.x) {
@@ -69,8 +71,7 @@ __device__ inline void radix_histogram(const float* x, uint32_t begin, uint32_t 
   const int lane = threadIdx.x & 31;
   constexpr uint32_t kNone = 0xffffffffu;
   uint32_t zeros = 0;
-  // kBatch items per lane loaded before any is processed (memory-level parallelism: the
-  // loop body holds warp-wide votes and atomics that would otherwise serialise the loads).
+  // kBatch items per lane loaded before any is processed (memory-level parallelism).
   constexpr int kBatch = 8;
   const uint32_t stride = blockDim.x;
   for (uint32_t base = begin + (threadIdx.x & ~31u); base < end; base += kBatch * stride) {  // warp-uniform
@@ -90,28 +91,39 @@ __device__ inline void radix_histogram(const float* x, uint32_t begin, uint32_t 
         if (bits == 0) ++zeros;  // many exact zeros (masked entries): counted apart
         else key = (bits >> shift) & dmask;
       }
-      if (__ballot_sync(0xffffffffu, key != kNone) == 0u) continue;  // nothing of this warp in the prefix
-      const uint32_t peers = __match_any_sync(0xffffffffu, key);
-      if (key == kNone) continue;
-      const bool leader = lane == __ffs(peers) - 1;
-      if (with_mass) {  // 62-bit fixed point in three 21-bit limbs: sums of 32 fit in 32 bits
-        const unsigned long long uf = to_fixed(bits);
-        const uint32_t l0 = __reduce_add_sync(peers, static_cast<uint32_t>(uf & 0x1fffffu));
-        const uint32_t l1 = __reduce_add_sync(peers, static_cast<uint32_t>((uf >> 21) & 0x1fffffu));
-        const uint32_t l2 = __reduce_add_sync(peers, static_cast<uint32_t>(uf >> 42));
-        if (leader) {
-          const unsigned long long total = static_cast<unsigned long long>(l0) +
-                                           (static_cast<unsigned long long>(l1) << 21) +
-                                           (static_cast<unsigned long long>(l2) << 42);
-          atomicAdd(&sm.cnt[key], static_cast<uint32_t>(__popc(peers)));
-          const uint32_t lo = static_cast<uint32_t>(total);
-          uint32_t hi = static_cast<uint32_t>(total >> 32);
-          const uint32_t old = atomicAdd(&sm.mlo[key], lo);
-          if (old + lo < old) ++hi;  // carry out of the low word
-          if (hi) atomicAdd(&sm.mhi[key], hi);
+      const uint32_t key0 = __shfl_sync(0xffffffffu, key, 0);
+      if (__all_sync(0xffffffffu, key == key0)) {  // one bucket (or none) for the whole warp
+        if (key0 == kNone) continue;
+        if (with_mass) {  // sums of 32 values of 21 bits fit in 32 bits
+          const unsigned long long uf = to_fixed(bits);
+          const uint32_t l0 = __reduce_add_sync(0xffffffffu, static_cast<uint32_t>(uf & 0x1fffffu));
+          const uint32_t l1 = __reduce_add_sync(0xffffffffu, static_cast<uint32_t>((uf >> 21) & 0x1fffffu));
+          const uint32_t l2 = __reduce_add_sync(0xffffffffu, static_cast<uint32_t>(uf >> 42));
+          if (lane == 0) {
+            const unsigned long long total = static_cast<unsigned long long>(l0) +
+                                             (static_cast<unsigned long long>(l1) << 21) +
+                                             (static_cast<unsigned long long>(l2) << 42);
+            atomicAdd(&sm.cnt[key], 32u);
+            const uint32_t lo = static_cast<uint32_t>(total);
+            uint32_t hi = static_cast<uint32_t>(total >> 32);
+            const uint32_t old = atomicAdd(&sm.mlo[key], lo);
+            if (old + lo < old) ++hi;  // carry out of the low word
+            if (hi) atomicAdd(&sm.mhi[key], hi);
+          }
+        } else if (lane == 0) {
+          atomicAdd(&sm.cnt[key], 32u);
         }
-      } else if (leader) {
-        atomicAdd(&sm.cnt[key], static_cast<uint32_t>(__popc(peers)));
+        continue;
+      }
+      if (key == kNone) continue;
+      atomicAdd(&sm.cnt[key], 1u);
+      if (with_mass) {
+        const unsigned long long uf = to_fixed(bits);
+        const uint32_t lo = static_cast<uint32_t>(uf);
+        uint32_t hi = static_cast<uint32_t>(uf >> 32);
+        const uint32_t old = atomicAdd(&sm.mlo[key], lo);
+        if (old + lo < old) ++hi;
+        if (hi) atomicAdd(&sm.mhi[key], hi);
       }
     }
   }
@@ -318,7 +330,7 @@ __device__ inline void select_top(const float* x, uint32_t n, bool use_gamma, fl
 constexpr uint32_t kRankMax = 2048;
 
 struct RankSmem {
-  uint32_t bits[kRankMax];    // item bits, index order
+  alignas(16) uint32_t bits[kRankMax];  // item bits, index order (zero padded)
   uint32_t rank[kRankMax];    // item rank, index order
   uint32_t sorted[kRankMax];  // item bits, rank order
   unsigned long long warp_tot[32];
@@ -329,21 +341,30 @@ __device__ inline void rank_select(const float* x, uint32_t n, bool use_gamma, f
                                    uint32_t kmax, uint32_t* words, RankSmem& sm) {
   const uint32_t tid = threadIdx.x, nthreads = blockDim.x, lane = tid & 31, warp = tid >> 5;
   __syncthreads();  // a previous call may still read sm
-  for (uint32_t i = tid; i < n; i += nthreads) sm.bits[i] = item_bits(x[i]);
-  if (tid == 0) sm.kg = n;
-  __syncthreads();
-  // tpi threads (a power of two <= 32) count the rank of one item together.
+  // tpi threads (a power of two <= 32) count the rank of one item together: sub-thread s
+  // reads the groups of four items 4 (t tpi + s) .. + 3 (adjacent 16-byte loads across the
+  // sub-threads); the items are padded with zeros up to a multiple of 4 tpi (a zero pad
+  // never ranks above an item: it is not greater, and equal ones have a larger index).
   uint32_t tpi = 1;
   while (tpi < 32 && tpi * 2 * n <= nthreads) tpi *= 2;
+  const uint32_t groups = (n + 4 * tpi - 1) / (4 * tpi);  // groups of four per sub-thread
+  for (uint32_t i = tid; i < 4 * tpi * groups; i += nthreads) sm.bits[i] = i < n ? item_bits(x[i]) : 0u;
+  if (tid == 0) sm.kg = n;
+  __syncthreads();
   const uint32_t per_pass = nthreads / tpi, sub = tid % tpi;
   for (uint32_t i0 = 0; i0 < n; i0 += per_pass) {  // uniform: every lane reaches the shuffles
     const uint32_t i = i0 + tid / tpi;
     uint32_t r = 0;
     if (i < n) {
       const uint32_t bi = sm.bits[i];
-      for (uint32_t j = sub; j < n; j += tpi) {
-        const uint32_t bj = sm.bits[j];
-        r += (bj > bi || (bj == bi && j < i)) ? 1u : 0u;
+      const uint4* quads = reinterpret_cast<const uint4*>(sm.bits);
+      for (uint32_t t = 0; t < groups; ++t) {
+        const uint32_t g = t * tpi + sub, j = 4 * g;
+        const uint4 b4 = quads[g];
+        r += (b4.x > bi || (b4.x == bi && j < i)) ? 1u : 0u;
+        r += (b4.y > bi || (b4.y == bi && j + 1 < i)) ? 1u : 0u;
+        r += (b4.z > bi || (b4.z == bi && j + 2 < i)) ? 1u : 0u;
+        r += (b4.w > bi || (b4.w == bi && j + 3 < i)) ? 1u : 0u;
       }
     }
     for (uint32_t o = 1; o < tpi; o <<= 1) r += __shfl_xor_sync(0xffffffffu, r, o);

@@ -133,11 +133,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> select_blocks_cuda(const at::Tens
         continue;
       }
       C10_CUDA_CHECK(cudaMemsetAsync(w.radix, 0, selection::kRadixStateBytes * plan.heads_per_wave, stream));
-      for (uint32_t mode : {selection::kModeMass, selection::kModeCount}) {
-        for (int level = 0; level < 3; ++level) {
-          C10_CUDA_CHECK(selection::launch_qa_radix_level(p, plan, w, head0, level, mode, stream));
-          C10_CUDA_KERNEL_LAUNCH_CHECK();
-        }
+      for (int level = 0; level < 3; ++level) {
+        C10_CUDA_CHECK(selection::launch_qa_radix_level(p, plan, w, head0, level, stream));
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
       }
       C10_CUDA_CHECK(selection::launch_qa_mark(p, plan, w, head0, stream));
       C10_CUDA_KERNEL_LAUNCH_CHECK();

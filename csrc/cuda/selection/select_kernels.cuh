@@ -39,59 +39,63 @@ __device__ __forceinline__ void log2_sum_add(float& mx, float& sum, float M, flo
   }
 }
 
-// Steps 1-4 from the rep kernel's records, one CTA per head (grid B * Hq, kSelectThreads):
-//   (a) the row LSE, lse2 [B, Hq, m] (log2 units);
-//   (b) per key block c the mass counted in H and in L, apart for the rows whose position
-//       is in block q0 = floor(P0 / bs) (F = 0) and in block q0 + 1 (F = 1): abcd[c] =
-//       (H F=0, H F=1, L F=0, L F=1); vertical mass vert[c] = their sum / m;
-//   (c) slash bin t: keys of block c seen from a row with F in bin q0 + F - c (H) and the bin
-//       below (L): slash[t] = (A[q0-t] + B[q0+1-t] + C[q0-t-1] + D[q0-t]) / m;
-//   (d) step 3: query_aware = sqrt(JSD(softmax(s pool(K) mean(Q̂)) || vert)) < tau (double);
-//   (e) step 4: the vertical columns and slash bins (query-aware heads: the min-budget ones).
+// Steps 1-3 from the rep kernel's records, many CTAs per head: grid (ceil(NBk /
+// kRecBlocks), B * Hq), kRecThreads threads. Every CTA computes
+//   (a) the row LSE from the per-split (reference, sum) pairs (the first CTA of a head
+//       writes it, lse2 [B, Hq, m], log2 units);
+//   (b) for its key blocks c the mass counted in H and in L, apart for the rows whose
+//       position is in block q0 = floor(P0 / bs) (F = 0) and in block q0 + 1 (F = 1):
+//       abcd[c] = (H F=0, H F=1, L F=0, L F=1); vertical mass vert[c] = their sum / m;
+//   (c) the JSD logits s pool(K)[c] . mean(Q̂) of its key blocks.
 // Every sum runs in a fixed order: the result is deterministic.
-__global__ void __launch_bounds__(kSelectThreads) finish_kernel(const SelectParams p, const SelectPlan plan,
-                                                                const SelectBuffers w) {
-  __shared__ union SelSmem {
-    RadixSmem radix;
-    RankSmem rank;
-  } sel;
-  __shared__ float part_m[kSelectThreads], part_s[kSelectThreads];
+constexpr int kRecThreads = 256;
+constexpr int kRecBlocks = 32;  // key blocks per CTA
+__global__ void __launch_bounds__(kRecThreads) finish_records_kernel(const SelectParams p, const SelectPlan plan,
+                                                                     const SelectBuffers w) {
   __shared__ float lse_s[128];
   __shared__ float qm[256];
-  __shared__ double red_d[32];
-  __shared__ float red_f[32];
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, nthreads = blockDim.x;
-  const int64_t head = blockIdx.x, b = head / p.heads_q, h = head - b * p.heads_q;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  constexpr int nwarps = kRecThreads / 32;
+  const int64_t head = blockIdx.y, b = head / p.heads_q, h = head - b * p.heads_q;
   const int64_t hk = h / (p.heads_q / p.heads_kv);
   const int m = static_cast<int>(plan.rows), D = static_cast<int>(p.head_dim);
   const int64_t NBk = p.num_k_blocks, bs = p.block_size;
+  const int64_t c0 = static_cast<int64_t>(blockIdx.x) * kRecBlocks;
+  const int64_t c1 = c0 + kRecBlocks < NBk ? c0 + kRecBlocks : NBk;
   const float* rec = w.rec + head * NBk * 3 * m;
 
-  // (a) thread -> row i = tid % m, splits cg, cg + ncg, ...; online max / sum of the
-  // per-split (reference, sum) pairs of the rep kernel.
+  // (a) thread -> row i = tid % m and splits g, g + ng, ... (g = tid / m, ng = kRecThreads / m;
+  // eight loads in flight); online max / sum, then the ng partials in a fixed order.
   {
-    const int i = tid % m, cg = tid / m, ncg = nthreads / m;
+    __shared__ float part_m[kRecThreads], part_s[kRecThreads];
+    const int i = tid % m, g = tid / m, ng = kRecThreads / m;
     const int64_t S = plan.num_splits;
     const float* pr = w.part_ref + head * S * m + i;
     const float* ps = w.part_sum + head * S * m + i;
     float mx = -INFINITY, sum = 0.f;
-#pragma unroll 4
-    for (int64_t sp = cg; sp < S; sp += ncg) {
-      log2_sum_add(mx, sum, pr[sp * m], ps[sp * m]);
+    constexpr int kBatch = 8;
+    for (int64_t sp0 = g; sp0 < S; sp0 += kBatch * ng) {
+      float rv[kBatch], sv[kBatch];
+#pragma unroll
+      for (int u = 0; u < kBatch; ++u) {
+        const int64_t sp = sp0 + u * ng;
+        rv[u] = sp < S ? pr[sp * m] : 0.f;
+        sv[u] = sp < S ? ps[sp * m] : 0.f;
+      }
+#pragma unroll
+      for (int u = 0; u < kBatch; ++u) log2_sum_add(mx, sum, rv[u], sv[u]);
     }
     part_m[tid] = mx;
     part_s[tid] = sum;
+    for (int d = tid; d < D; d += kRecThreads) qm[d] = w.qhat_mean[head * D + d];
     __syncthreads();
     if (tid < m) {
       float M = -INFINITY, T = 0.f;
-      for (int g = 0; g < ncg; ++g) {
-        log2_sum_add(M, T, part_m[g * m + tid], part_s[g * m + tid]);
-      }
+      for (int gg = 0; gg < ng; ++gg) log2_sum_add(M, T, part_m[gg * m + tid], part_s[gg * m + tid]);
       const float l = M + log2f(T);  // every row sees key 0: T > 0
       lse_s[tid] = l;
-      w.lse2[head * m + tid] = l;
+      if (blockIdx.x == 0) w.lse2[head * m + tid] = l;
     }
-    for (int d = tid; d < D; d += nthreads) qm[d] = w.qhat_mean[head * D + d];
     __syncthreads();
   }
 
@@ -102,10 +106,10 @@ __global__ void __launch_bounds__(kSelectThreads) finish_kernel(const SelectPara
   float* vert = w.vert + head * NBk;
   {
     const int half = lane >> 4, hl = lane & 15;
-    for (int64_t cb = 2 * warp; cb < NBk; cb += 2 * (nthreads / 32)) {
+    for (int64_t cb = c0 + 2 * warp; cb < c1; cb += 2 * nwarps) {
       const int64_t c = cb + half;
       float a0 = 0.f, a1 = 0.f, l0 = 0.f, l1 = 0.f;
-      if (c < NBk) {
+      if (c < c1) {
         const float* r = rec + c * 3 * m;
         float rm[8], rh[8], rl[8];
 #pragma unroll
@@ -140,13 +144,50 @@ __global__ void __launch_bounds__(kSelectThreads) finish_kernel(const SelectPara
         l0 += __shfl_xor_sync(0xffffffffu, l0, o);
         l1 += __shfl_xor_sync(0xffffffffu, l1, o);
       }
-      if (hl == 0 && c < NBk) {
+      if (hl == 0 && c < c1) {
         abcd[c] = make_float4(a0, a1, l0, l1);
         vert[c] = ((a0 + a1) + (l0 + l1)) * inv_m;
       }
     }
   }
-  __syncthreads();
+
+  // (c) warp -> key block; lane -> float4 chunks lane, lane + 32, ... of the pool(K) row.
+  const float* pk = w.pool_k + (b * p.heads_kv + hk) * NBk * D;
+  float* x = w.jsd_logits + head * NBk;
+  for (int64_t c = c0 + warp; c < c1; c += nwarps) {
+    const float4* row = reinterpret_cast<const float4*>(pk + c * D);
+    float s = 0.f;
+    for (int d4 = lane; d4 < D / 4; d4 += 32) {
+      const float4 v = row[d4];
+      s += v.x * qm[4 * d4] + v.y * qm[4 * d4 + 1] + v.z * qm[4 * d4 + 2] + v.w * qm[4 * d4 + 3];
+    }
+    s = warp_sum(s);
+    if (lane == 0) x[c] = s * p.softmax_scale;
+  }
+}
+
+// Steps 3-4 per head after finish_records_kernel, one CTA per head (grid B * Hq, kSelectThreads):
+//   (c) slash bin t: keys of block c seen from a row with F in bin q0 + F - c (H) and the bin
+//       below (L): slash[t] = (A[q0-t] + B[q0+1-t] + C[q0-t-1] + D[q0-t]) / m;
+//   (d) step 3: query_aware = sqrt(JSD(softmax(s pool(K) mean(Q̂)) || vert)) < tau (double);
+//   (e) step 4: the vertical columns and slash bins (query-aware heads: the min-budget ones).
+// Every sum runs in a fixed order: the result is deterministic.
+__global__ void __launch_bounds__(kSelectThreads) finish_kernel(const SelectParams p, const SelectPlan plan,
+                                                                const SelectBuffers w) {
+  __shared__ union SelSmem {
+    RadixSmem radix;
+    RankSmem rank;
+  } sel;
+  __shared__ double red_d[32];
+  __shared__ float red_f[32];
+  const int tid = threadIdx.x, nthreads = blockDim.x;
+  const int64_t head = blockIdx.x;
+  const int m = static_cast<int>(plan.rows);
+  const int64_t NBk = p.num_k_blocks, bs = p.block_size;
+  const int64_t P0 = p.seqlen_k - m, q0 = P0 / bs;
+  const float inv_m = 1.f / static_cast<float>(m);
+  const float4* abcd = reinterpret_cast<const float4*>(w.abcd) + head * NBk;
+  const float* vert = w.vert + head * NBk;
 
   // (c)
   float* slash = w.slash + head * NBk;
@@ -159,22 +200,10 @@ __global__ void __launch_bounds__(kSelectThreads) finish_kernel(const SelectPara
     slash[t] = s * inv_m;
   }
 
-  // (d) one key block per thread: rows in flight.
-  const float* pk = w.pool_k + (b * p.heads_kv + hk) * NBk * D;
-  float* x = w.jsd_logits + head * NBk;
+  // (d)
+  const float* x = w.jsd_logits + head * NBk;
   float mx = -INFINITY;
-  for (int64_t c = tid; c < NBk; c += nthreads) {
-    const float4* row = reinterpret_cast<const float4*>(pk + c * D);
-    float s = 0.f;
-#pragma unroll 8  // independent row loads in flight
-    for (int d4 = 0; d4 < D / 4; ++d4) {
-      const float4 v = row[d4];
-      s += v.x * qm[4 * d4] + v.y * qm[4 * d4 + 1] + v.z * qm[4 * d4 + 2] + v.w * qm[4 * d4 + 3];
-    }
-    s *= p.softmax_scale;
-    x[c] = s;
-    mx = fmaxf(mx, s);
-  }
+  for (int64_t c = tid; c < NBk; c += nthreads) mx = fmaxf(mx, x[c]);
   mx = block_max(mx, red_f);  // also orders the x[], vert[], slash[] writes before the reads below
   double z = 0.0;
   for (int64_t c = tid; c < NBk; c += nthreads) z += exp(static_cast<double>(x[c]) - mx);
@@ -406,9 +435,11 @@ __global__ void __launch_bounds__(kSelectThreads) qa_select_small_kernel(const S
 // Larger estimates: many CTAs per head.
 // The fewest estimated blocks reaching gamma (at most the causal ones), over the
 // NBq * NBk flattened estimate of each head, by many CTAs per head: one launch per radix
-// level (first by mass, then -- only when the budget cuts -- by count); every CTA adds its
-// chunk's histogram to the head's global one and the last CTA to finish picks the digit
-// and updates the head's state. A final launch writes the bitmask.
+// level of the mass descent; every CTA adds its chunk's histogram to the head's global one
+// and the last CTA to finish picks the digit and updates the head's state. A final launch
+// writes the bitmask. The kept blocks are at most the positive (causal) estimates, so the
+// causal budget only cuts when the mass never reaches gamma (float rounding of a gamma
+// within ~1e-7 of 1): then qa_mark takes the top n_allowed by count on one CTA.
 struct GridRadixState {
   uint32_t mode;  // kModeMass, kModeCount, kModeDone
   uint32_t prefix, pmask, above_cnt;
@@ -431,7 +462,7 @@ __device__ __forceinline__ uint32_t* radix_global_hist(unsigned char* ws, int64_
 __global__ void __launch_bounds__(kSelectThreads) qa_radix_level_kernel(const SelectParams p, const SelectPlan plan,
                                                                         int64_t head0, const bool* query_aware,
                                                                         const float* est, unsigned char* ws,
-                                                                        int level, uint32_t want_mode) {
+                                                                        int level) {
   __shared__ RadixSmem sm;
   __shared__ uint32_t is_last;
   constexpr int kShift[3] = {21, 10, 0};
@@ -440,14 +471,12 @@ __global__ void __launch_bounds__(kSelectThreads) qa_radix_level_kernel(const Se
   if (head >= p.batch * p.heads_q || !query_aware[head]) return;
   GridRadixState* st = radix_state(ws, hw);
   uint32_t* gh = radix_global_hist(ws, hw);
-  const uint32_t mode = st->mode;
-  if (mode != want_mode) return;
+  if (st->mode != kModeMass) return;
   const uint32_t n = static_cast<uint32_t>(p.num_q_blocks * p.num_k_blocks);
   const uint32_t chunk = static_cast<uint32_t>(plan.qa_chunk);
   const uint32_t begin = blockIdx.x * chunk, end = min(begin + chunk, n);
   const float* x = est + hw * static_cast<int64_t>(n);
-  const bool by_mass = mode == kModeMass;
-  radix_histogram(x, begin, end, st->prefix, st->pmask, kShift[level], kMask[level], by_mass, sm);
+  radix_histogram(x, begin, end, st->prefix, st->pmask, kShift[level], kMask[level], true, sm);
   for (int b = threadIdx.x; b < kRadixBuckets; b += blockDim.x) {
     if (sm.cnt[b]) atomicAdd(gh + b, sm.cnt[b]);
     const uint32_t lo = sm.mlo[b];
@@ -472,7 +501,7 @@ __global__ void __launch_bounds__(kSelectThreads) qa_radix_level_kernel(const Se
   }
   if (threadIdx.x == 0) sm.found = 0;
   __syncthreads();
-  radix_find(by_mass, p.gamma, st->K, st->above_cnt, st->above_mass, sm);
+  radix_find(true, p.gamma, 0u, st->above_cnt, st->above_mass, sm);
   if (threadIdx.x != 0) return;
   st->tickets = 0;
   const uint32_t n_allowed = static_cast<uint32_t>(plan.n_allowed);
@@ -483,12 +512,10 @@ __global__ void __launch_bounds__(kSelectThreads) qa_radix_level_kernel(const Se
     st->take = take;
     st->mode = kModeDone;
   };
-  auto start_count = [&](uint32_t K) {  // the top K by value, K = min(kg, causal entries)
+  auto start_count = [&](uint32_t K) {  // the top K by value, K = min(kg, causal entries): qa_mark
     if (K == 0) return done(0, 0, 0, 0);
     if (K >= n) return done(1, 0, 0, 0);
     st->K = K;
-    st->prefix = st->pmask = st->above_cnt = 0;
-    st->above_mass = 0;
     st->mode = kModeCount;
   };
   if (!sm.found) return start_count(n < n_allowed ? n : n_allowed);  // mass never reaches gamma: kg = n
@@ -500,7 +527,6 @@ __global__ void __launch_bounds__(kSelectThreads) qa_radix_level_kernel(const Se
     st->above_mass = sm.above_mass;
     return;
   }
-  if (!by_mass) return done(2, prefix, sm.bucket_cnt, st->K - sm.above_cnt);
   // Fewest t of the tied items with float(above + t v) >= gamma (monotone in t).
   const unsigned long long v = to_fixed(prefix);
   uint32_t lo = 1, hi = sm.bucket_cnt;
@@ -521,10 +547,19 @@ __global__ void __launch_bounds__(kSelectThreads) qa_mark_kernel(const SelectPar
   const int64_t hw = blockIdx.y, head = head0 + hw;
   if (head >= p.batch * p.heads_q || !query_aware[head]) return;
   GridRadixState* st = radix_state(ws, hw);
-  const uint32_t mark = st->mark, thr = st->thr_bits, take = st->take, tie = st->tie_cnt;
   const uint32_t n = static_cast<uint32_t>(p.num_q_blocks * p.num_k_blocks);
   const float* x = est + hw * static_cast<int64_t>(n);
   uint32_t* words = qa + head * plan.qa_words;
+  if (st->mode == kModeCount) {
+    // The top K by value (the mass never reached gamma: only when gamma is within float
+    // rounding of 1): one CTA descends the count digits and marks the whole head.
+    if (blockIdx.x == 0) {
+      const Threshold th = radix_threshold(x, n, false, 0.f, st->K, sm);
+      radix_mark(x, n, 2, th, words, sm);
+    }
+    return;
+  }
+  const uint32_t mark = st->mark, thr = st->thr_bits, take = st->take, tie = st->tie_cnt;
   const uint32_t chunk = static_cast<uint32_t>(plan.qa_chunk);
   if (mark == 2 && take < tie) {
     // Ties split at the threshold: the equal items are ranked in index order across the
@@ -623,6 +658,10 @@ __global__ void assemble_kernel(const SelectParams p, const SelectPlan plan, con
 
 inline cudaError_t launch_finish(const SelectParams& p, const SelectPlan& plan, const SelectBuffers& w,
                                  cudaStream_t s) {
+  const dim3 grid((p.num_k_blocks + kRecBlocks - 1) / kRecBlocks, p.batch * p.heads_q);
+  finish_records_kernel<<<grid, kRecThreads, 0, s>>>(p, plan, w);
+  const cudaError_t e = cudaGetLastError();
+  if (e != cudaSuccess) return e;
   finish_kernel<<<p.batch * p.heads_q, kSelectThreads, 0, s>>>(p, plan, w);
   return cudaGetLastError();
 }
@@ -648,10 +687,10 @@ inline cudaError_t launch_qa_select_small(const SelectParams& p, const SelectPla
   return cudaGetLastError();
 }
 inline cudaError_t launch_qa_radix_level(const SelectParams& p, const SelectPlan& plan, const SelectBuffers& w,
-                                         int64_t head0, int level, uint32_t mode, cudaStream_t s) {
+                                         int64_t head0, int level, cudaStream_t s) {
   const int64_t n = p.num_q_blocks * p.num_k_blocks;
   dim3 grid((n + plan.qa_chunk - 1) / plan.qa_chunk, plan.heads_per_wave);
-  qa_radix_level_kernel<<<grid, kSelectThreads, 0, s>>>(p, plan, head0, p.query_aware, w.est, w.radix, level, mode);
+  qa_radix_level_kernel<<<grid, kSelectThreads, 0, s>>>(p, plan, head0, p.query_aware, w.est, w.radix, level);
   return cudaGetLastError();
 }
 inline cudaError_t launch_qa_mark(const SelectParams& p, const SelectPlan& plan, const SelectBuffers& w,

@@ -6,9 +6,10 @@
 //   rep        one pass of softmax(s Q̂ Kᵀ) over the keys, split over CTAs: per (row, key
 //              block) records [B,Hq,NBk,3,m]; also pool(K) [B,Hkv,NBk,D], mean(Q̂) [B,Hq,D]
 //                                                                                  (steps 1-3)
-//   finish     one CTA per head: row LSE, vertical mass [B,Hq,NBk], slash bin mass
-//              [B,Hq,NBk], the JSD decision query_aware [B,Hq], and the vertical-slash
-//              selection (column / distance-bin bitmasks)                           (steps 2-4)
+//   finish     records: many CTAs per head: row LSE, vertical mass [B,Hq,NBk], the JSD
+//              logits; then one CTA per head: slash bin mass [B,Hq,NBk], the JSD decision
+//              query_aware [B,Hq], and the vertical-slash selection (column / distance-bin
+//              bitmasks)                                                           (steps 2-4)
 //   per wave of heads: qa_pool (pool(Q)), qa_estimate (logits, row softmax), then the selection:
 //              one CTA per head (qa_select_small) when NBq * NBk <= kQaSmallMax, else
 //              qa_radix_level (<= 6 launches, many CTAs per head) and qa_mark     (step 5)
