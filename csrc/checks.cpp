@@ -208,9 +208,10 @@ SelectParams make_select_params(const at::Tensor& q, const at::Tensor& k,
   p.k = k.data_ptr();
   p.q_batch_stride = q.stride(0); p.q_row_stride = q.stride(1); p.q_head_stride = q.stride(2);
   p.k_batch_stride = k.stride(0); p.k_row_stride = k.stride(1); p.k_head_stride = k.stride(2);
-  p.kv_count = kv_count.data_ptr<int32_t>();
-  p.kv_index = kv_index.data_ptr<int32_t>();
-  p.query_aware = query_aware.data_ptr<bool>();
+  // Undefined outputs leave null pointers (a caller that allocates them later sets them).
+  p.kv_count = kv_count.defined() ? kv_count.data_ptr<int32_t>() : nullptr;
+  p.kv_index = kv_index.defined() ? kv_index.data_ptr<int32_t>() : nullptr;
+  p.query_aware = query_aware.defined() ? query_aware.data_ptr<bool>() : nullptr;
   p.batch = q.size(0); p.seqlen_q = q.size(1); p.seqlen_k = k.size(1);
   p.heads_q = q.size(2); p.heads_kv = k.size(2); p.head_dim = q.size(3);
   p.block_size = block_size;

@@ -151,54 +151,60 @@ __device__ __forceinline__ void warp_inclusive_scan(uint32_t& c, unsigned long l
 //   by mass:  fixed_to_float(above_mass + suffix) >= gamma,
 //   by count: above_cnt + suffix >= K.
 // Writes sm.found / bucket / bucket_cnt / above_cnt / above_mass (for the items above it).
+// Any CTA size dividing kRadixBuckets with <= 32 warps: thread t scans the buckets
+// kRadixBuckets - 1 - per t downwards (per = kRadixBuckets / blockDim.x).
 __device__ inline void radix_find(bool by_mass, float gamma, uint32_t K, uint32_t above_cnt,
                                   unsigned long long above_mass, RadixSmem& sm) {
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int b_hi = kRadixBuckets - 1 - 2 * tid, b_lo = b_hi - 1;  // kSelectThreads * 2 buckets
-  const uint32_t c_hi = sm.cnt[b_hi], c_lo = sm.cnt[b_lo];
-  const unsigned long long m_hi = (static_cast<unsigned long long>(sm.mhi[b_hi]) << 32) | sm.mlo[b_hi];
-  const unsigned long long m_lo = (static_cast<unsigned long long>(sm.mhi[b_lo]) << 32) | sm.mlo[b_lo];
-  uint32_t c_scan = c_hi + c_lo;
-  unsigned long long m_scan = m_hi + m_lo;
-  const uint32_t c_own = c_scan;
-  const unsigned long long m_own = m_scan;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, nw = blockDim.x >> 5;
+  const int per = kRadixBuckets / blockDim.x, top = kRadixBuckets - 1 - per * tid;
+  auto mass = [&](int b) { return (static_cast<unsigned long long>(sm.mhi[b]) << 32) | sm.mlo[b]; };
+  uint32_t c_own = 0;
+  unsigned long long m_own = 0;
+  for (int j = 0; j < per; ++j) {
+    c_own += sm.cnt[top - j];
+    m_own += mass(top - j);
+  }
+  uint32_t c_scan = c_own;
+  unsigned long long m_scan = m_own;
   warp_inclusive_scan(c_scan, m_scan, lane);
   if (lane == 31) {
     sm.warp_cnt[warp] = c_scan;
     sm.warp_mass[warp] = m_scan;
   }
   __syncthreads();
-  if (warp == 0) {  // exclusive scan of the 32 warp totals, in place
-    const uint32_t wc = sm.warp_cnt[lane];
-    const unsigned long long wm = sm.warp_mass[lane];
+  if (warp == 0) {  // exclusive scan of the warp totals, in place
+    const uint32_t wc = lane < nw ? sm.warp_cnt[lane] : 0u;
+    const unsigned long long wm = lane < nw ? sm.warp_mass[lane] : 0ull;
     uint32_t sc = wc;
     unsigned long long sw = wm;
     warp_inclusive_scan(sc, sw, lane);
-    sm.warp_cnt[lane] = sc - wc;
-    sm.warp_mass[lane] = sw - wm;
+    if (lane < nw) {
+      sm.warp_cnt[lane] = sc - wc;
+      sm.warp_mass[lane] = sw - wm;
+    }
   }
   __syncthreads();
-  const uint32_t c_excl = c_scan - c_own + sm.warp_cnt[warp];
-  const unsigned long long m_excl = m_scan - m_own + sm.warp_mass[warp];
-  // Bucket b_hi: items above = c_excl; bucket b_lo: c_excl + c_hi.
-  auto reached = [&](uint32_t c, unsigned long long mass) {
-    return by_mass ? fixed_to_float(above_mass + mass) >= gamma : above_cnt + c >= K;
+  uint32_t c = c_scan - c_own + sm.warp_cnt[warp];  // items above this thread's buckets
+  unsigned long long m = m_scan - m_own + sm.warp_mass[warp];
+  auto reached = [&](uint32_t cc, unsigned long long mm) {
+    return by_mass ? fixed_to_float(above_mass + mm) >= gamma : above_cnt + cc >= K;
   };
-  const bool r_hi_ex = reached(c_excl, m_excl);
-  const bool r_hi_in = reached(c_excl + c_hi, m_excl + m_hi);
-  const bool r_lo_in = reached(c_excl + c_hi + c_lo, m_excl + m_hi + m_lo);
-  if (r_hi_in && !r_hi_ex) {
-    sm.found = 1;
-    sm.bucket = b_hi;
-    sm.bucket_cnt = c_hi;
-    sm.above_cnt = above_cnt + c_excl;
-    sm.above_mass = above_mass + m_excl;
-  } else if (r_lo_in && !r_hi_in) {
-    sm.found = 1;
-    sm.bucket = b_lo;
-    sm.bucket_cnt = c_lo;
-    sm.above_cnt = above_cnt + c_excl + c_hi;
-    sm.above_mass = above_mass + m_excl + m_hi;
+  bool before = reached(c, m);  // monotone along the scan: exactly one bucket crosses
+  for (int j = 0; j < per; ++j) {
+    const int bkt = top - j;
+    const uint32_t cb = sm.cnt[bkt];
+    const unsigned long long mb = mass(bkt);
+    const bool after = reached(c + cb, m + mb);
+    if (after && !before) {
+      sm.found = 1;
+      sm.bucket = bkt;
+      sm.bucket_cnt = cb;
+      sm.above_cnt = above_cnt + c;
+      sm.above_mass = above_mass + m;
+    }
+    before = after;
+    c += cb;
+    m += mb;
   }
   __syncthreads();
 }

@@ -20,8 +20,8 @@
 // tile, a much larger logit): exact, since any reference works as long as nothing
 // overflows, and a reference above the row's values only drops terms < 2^-126 of the max.
 //
-// The same kernel also writes pool(K) [B, Hkv, NBk, D] (the CTAs that read a kv head's
-// keys first, from the K tiles in shared memory) and mean(Q̂) [B, Hq, D] (split 0).
+// The same kernel also writes pool(K) [B, Hkv, NBk, D] (from the K tiles in shared memory;
+// the CTAs of a kv head's split pool a share of the columns each) and mean(Q̂) [B, Hq, D] (split 0).
 //
 // One CTA = `heads_per_cta` query heads of one GQA group x one split of `split_keys` keys;
 // m / 32 warps per head, each owning 32 rows (two m16 tiles, so every B fragment feeds
@@ -101,7 +101,12 @@ __global__ void __launch_bounds__(256, rep_ctas_per_sm(kD)) rep_kernel(const Rep
   const int h_first = blockIdx.x * hpc;                    // first query head of the CTA
   const int h = h_first + warp / warps_per_head;           // this warp's query head
   const int hk = h_first / group;                          // hpc divides the group size
-  const bool pools_k = h_first % group == 0;               // first CTA of the kv head
+  // pool(K): the group / hpc CTAs of a kv head (same split) pool a share of the column
+  // pairs each (all pairs in the first when the shares would not be equal).
+  const int npairs = kD / 2, kv_ctas = group / hpc, kv_cta = (h_first % group) / hpc;
+  const bool share = npairs % kv_ctas == 0;
+  const bool pools_k = share || kv_cta == 0;
+  const int npl = share ? npairs / kv_ctas : npairs, pair_begin = share ? kv_cta * npl : 0;
   const int ks = split * p.split_keys;
   const int ke = min(ks + p.split_keys, p.seqlen_k);
   const int ntile = (ke - ks + kTileKeys - 1) / kTileKeys;
@@ -156,21 +161,22 @@ __global__ void __launch_bounds__(256, rep_ctas_per_sm(kD)) rep_kernel(const Rep
   const uint32_t q_addr = smem_u32(Qs + (warp * kRowsPerWarp + (lane & 15)) * ld + (lane >> 4) * 8);
   const int b_row = (lane & 7) + ((lane >> 4) << 3), b_col = ((lane >> 3) & 1) * 8;
 
-  // K pooling (pools_k CTAs): thread -> key phase kph (keys kph, kph + nph, ...) and one
-  // column pair (two when the CTA has fewer threads than pairs: D = 256 with 64 rows).
-  const int npairs = kD / 2, nph = nthreads >= npairs ? nthreads / npairs : 1;
-  const int kph = tid / npairs, pr0 = tid % npairs;
+  // K pooling (pools_k CTAs, pairs [pair_begin, pair_begin + npl)): thread -> key phase kph
+  // (keys kph, kph + nph, ...) and one column pair (two when the CTA has fewer threads than
+  // pairs: D = 256 with 64 rows).
+  const int nph = nthreads >= npl ? nthreads / npl : 1;
+  const int kph = tid / npl, pr0 = tid % npl;
   bool pair_ok[2];
   pair_ok[0] = kph < nph;
-  pair_ok[1] = nthreads < npairs && pr0 + nthreads < npairs;
+  pair_ok[1] = nthreads < npl && pr0 + nthreads < npl;
   float2 pool_acc[2] = {make_float2(0.f, 0.f), make_float2(0.f, 0.f)};
   auto flush_pool = [&](int blk) {  // pool(K)[blk] from the partials of parity blk & 1
     const float* part = pool_part + (blk & 1) * kPoolPartFloats;
     const int count = min(bs, p.seqlen_k - blk * bs);
-    for (int d = tid; d < kD; d += nthreads) {
+    for (int dl = tid; dl < 2 * npl; dl += nthreads) {
       float s = 0.f;
-      for (int ph = 0; ph < nph; ++ph) s += part[(ph * npairs + (d >> 1)) * 2 + (d & 1)];
-      p.pool_k[((static_cast<int64_t>(b) * p.heads_kv + hk) * p.num_k_blocks + blk) * kD + d] =
+      for (int ph = 0; ph < nph; ++ph) s += part[(ph * npl + (dl >> 1)) * 2 + (dl & 1)];
+      p.pool_k[((static_cast<int64_t>(b) * p.heads_kv + hk) * p.num_k_blocks + blk) * kD + 2 * pair_begin + dl] =
           s / static_cast<float>(count);
     }
   };
@@ -209,7 +215,7 @@ __global__ void __launch_bounds__(256, rep_ctas_per_sm(kD)) rep_kernel(const Rep
 #pragma unroll
       for (int j = 0; j < 2; ++j) {
         if (!pair_ok[j]) continue;
-        const int pr = pr0 + j * nthreads;
+        const int pr = pair_begin + pr0 + j * nthreads;
         for (int r = kph; r < kTileKeys; r += nph) {
           const float2 v = unpack2<kBf16>(*reinterpret_cast<const uint32_t*>(Kt + r * ld + 2 * pr));
           pool_acc[j].x += v.x;
@@ -384,8 +390,8 @@ __global__ void __launch_bounds__(256, rep_ctas_per_sm(kD)) rep_kernel(const Rep
       for (int j = 0; j < 2; ++j) {
         if (!pair_ok[j]) continue;
         const int pr = pr0 + j * nthreads;
-        part[(kph * npairs + pr) * 2] = pool_acc[j].x;
-        part[(kph * npairs + pr) * 2 + 1] = pool_acc[j].y;
+        part[(kph * npl + pr) * 2] = pool_acc[j].x;
+        part[(kph * npl + pr) * 2 + 1] = pool_acc[j].y;
         pool_acc[j] = make_float2(0.f, 0.f);
       }
     }

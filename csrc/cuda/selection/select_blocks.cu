@@ -56,14 +56,18 @@ selection::RepParams rep_params(const SelectParams& p, const SelectPlan& plan, c
   return r;
 }
 
-// Steps 1-4 into the workspace: records, pool(K), mean(Q̂), then lse2, vertical / slash
-// mass, query_aware (p.query_aware) and the vertical-slash bitmasks.
-void launch_scores(const SelectParams& p, const SelectPlan& plan, const SelectBuffers& w, cudaStream_t stream) {
-  using namespace selection;
-  const RepParams rp = rep_params(p, plan, w);
-  C10_CUDA_CHECK(launch_rep_any(rp, static_cast<int>(p.batch), p.is_bf16, static_cast<int>(p.head_dim), stream));
+// Steps 1-2 into the workspace: records, pool(K), mean(Q̂). Reads only q and k.
+void launch_rep_pass(const SelectParams& p, const SelectPlan& plan, const SelectBuffers& w, cudaStream_t stream) {
+  const selection::RepParams rp = rep_params(p, plan, w);
+  C10_CUDA_CHECK(selection::launch_rep_any(rp, static_cast<int>(p.batch), p.is_bf16, static_cast<int>(p.head_dim),
+                                           stream));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  C10_CUDA_CHECK(launch_finish(p, plan, w, stream));
+}
+
+// Steps 2-4 from the records: lse2, vertical / slash mass, query_aware (p.query_aware) and
+// the vertical-slash bitmasks.
+void launch_finish_pass(const SelectParams& p, const SelectPlan& plan, const SelectBuffers& w, cudaStream_t stream) {
+  C10_CUDA_CHECK(selection::launch_finish(p, plan, w, stream));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -90,23 +94,35 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> select_blocks_cuda(const at::Tens
               " is too long for the CUDA selection: it supports seqlen_k < 2^31 and ceil(seqlen_q / block_size) * "
               "ceil(seqlen_k / block_size) < 2^32");
   const auto opts = q.options();
-  at::Tensor kv_count = at::empty({B, Hq, NBq}, opts.dtype(at::kInt));           // [B, Hq, NBq] int32
-  at::Tensor kv_index = at::empty({B, Hq, NBq, NBk}, opts.dtype(at::kInt));      // [B, Hq, NBq, NBk] int32
-  at::Tensor query_aware = at::empty({B, Hq}, opts.dtype(at::kBool));            // [B, Hq] bool
-  if (B == 0 || Hq == 0) return {kv_count, kv_index, query_aware};
+  at::Tensor kv_count, kv_index, query_aware;
+  SelectParams p{};
+  auto allocate_outputs = [&] {
+    kv_count = at::empty({B, Hq, NBq}, opts.dtype(at::kInt));       // [B, Hq, NBq] int32
+    kv_index = at::empty({B, Hq, NBq, NBk}, opts.dtype(at::kInt));  // [B, Hq, NBq, NBk] int32
+    query_aware = at::empty({B, Hq}, opts.dtype(at::kBool));        // [B, Hq] bool
+    p.kv_count = kv_count.data_ptr<int32_t>();
+    p.kv_index = kv_index.data_ptr<int32_t>();
+    p.query_aware = query_aware.data_ptr<bool>();
+  };
   auto stream = at::cuda::getCurrentCUDAStream();
+  if (B == 0 || Hq == 0) {
+    allocate_outputs();
+    return {kv_count, kv_index, query_aware};
+  }
   if (Nq == 0) {  // no query block; every head is (trivially) dense
+    allocate_outputs();
     C10_CUDA_CHECK(cudaMemsetAsync(query_aware.data_ptr(), 0, query_aware.numel(), stream));
     return {kv_count, kv_index, query_aware};
   }
 
   const auto [qk, kk] = kernel_inputs(q, k);
-  const SelectParams p = make_select_params(qk, kk, kv_count, kv_index, query_aware, gamma, tau, min_budget,
-                                            max_budget, block_size, scale);
+  p = make_select_params(qk, kk, at::Tensor(), at::Tensor(), at::Tensor(), gamma, tau, min_budget, max_budget,
+                         block_size, scale);  // the outputs are set by allocate_outputs
   const int num_sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   const SelectPlan plan = selection::make_select_plan(p, gamma, tau, num_sms);
 
   if (plan.dense) {  // step 7: short inputs attend every causal block
+    allocate_outputs();
     C10_CUDA_CHECK(cudaMemsetAsync(query_aware.data_ptr(), 0, query_aware.numel(), stream));
     C10_CUDA_CHECK(selection::launch_assemble(p, plan, nullptr, true, stream));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -116,7 +132,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> select_blocks_cuda(const at::Tens
   // Scratch from the caching allocator (stream-ordered; freed when this op returns).
   at::Tensor workspace = at::empty({static_cast<int64_t>(plan.workspace_bytes)}, opts.dtype(at::kByte));
   const SelectBuffers w = selection::select_buffers(plan, workspace.data_ptr());
-  launch_scores(p, plan, w, stream);
+  // The rep pass reads only q and k: launched before the outputs are allocated, so the GPU
+  // starts on it a few microseconds sooner.
+  launch_rep_pass(p, plan, w, stream);
+  allocate_outputs();
+  launch_finish_pass(p, plan, w, stream);
 
   if (!plan.keep_all && plan.any_query_aware) {
     const bool small = p.num_q_blocks * p.num_k_blocks <= selection::kQaSmallMax;
@@ -182,7 +202,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> selection_scores_cuda
   at::Tensor workspace = at::empty({static_cast<int64_t>(plan.workspace_bytes)}, opts.dtype(at::kByte));
   const SelectBuffers w = selection::select_buffers(plan, workspace.data_ptr());
   auto stream = at::cuda::getCurrentCUDAStream();
-  launch_scores(p, plan, w, stream);
+  launch_rep_pass(p, plan, w, stream);
+  launch_finish_pass(p, plan, w, stream);
   const auto f32 = opts.dtype(at::kFloat);
   at::Tensor lse = at::from_blob(w.lse2, {B, Hq, plan.rows}, f32).clone() * 0.6931471805599453;
   at::Tensor vertical = at::from_blob(w.vert, {B, Hq, NBk}, f32).clone();

@@ -289,11 +289,104 @@ __global__ void __launch_bounds__(kQaPoolThreads) qa_pool_kernel(const SelectPar
   }
 }
 
+struct GridRadixState {
+  uint32_t mode;  // kModeMass, kModeCount, kModeDone
+  uint32_t prefix, pmask, above_cnt;
+  unsigned long long above_mass;
+  uint32_t K;     // target rank of the count descent
+  uint32_t mark;  // when done: 0 none, 1 all, 2 by threshold
+  uint32_t thr_bits, tie_cnt, take, tickets;
+  uint32_t mark_ticket;  // qa_mark with ties split: chunks in the order their CTAs start
+};
+constexpr uint32_t kModeMass = 0, kModeCount = 1, kModeDone = 2;
+
+__device__ __forceinline__ GridRadixState* radix_state(unsigned char* ws, int64_t hw) {
+  return reinterpret_cast<GridRadixState*>(ws + hw * kRadixStateBytes);
+}
+__device__ __forceinline__ uint32_t* radix_global_hist(unsigned char* ws, int64_t hw) {  // [3][2048]
+  return reinterpret_cast<uint32_t*>(ws + hw * kRadixStateBytes + 64);
+}
+
+// Adds the CTA's histogram (buckets [0, nbuckets)) to the head's global one; true in the
+// last CTA of the head to do so (`ctas` of them), which then holds the complete histogram
+// in sm (and the global one is zeroed for the next level).
+__device__ inline bool radix_publish(RadixSmem& sm, GridRadixState* st, uint32_t* gh, uint32_t ctas, int nbuckets,
+                                     uint32_t& is_last) {
+  for (int b = threadIdx.x; b < nbuckets; b += blockDim.x) {
+    if (sm.cnt[b]) atomicAdd(gh + b, sm.cnt[b]);
+    const uint32_t lo = sm.mlo[b];
+    uint32_t hi = sm.mhi[b];
+    if (lo) {
+      const uint32_t old = atomicAdd(gh + kRadixBuckets + b, lo);
+      if (old + lo < old) ++hi;
+    }
+    if (hi) atomicAdd(gh + 2 * kRadixBuckets + b, hi);
+  }
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) is_last = atomicAdd(&st->tickets, 1u) == ctas - 1;
+  __syncthreads();
+  if (!is_last) return false;
+  __threadfence();
+  for (int b = threadIdx.x; b < kRadixBuckets; b += blockDim.x) {
+    sm.cnt[b] = __ldcg(gh + b);
+    sm.mlo[b] = __ldcg(gh + kRadixBuckets + b);
+    sm.mhi[b] = __ldcg(gh + 2 * kRadixBuckets + b);
+    gh[b] = gh[kRadixBuckets + b] = gh[2 * kRadixBuckets + b] = 0;  // for the next level
+  }
+  if (threadIdx.x == 0) sm.found = 0;
+  __syncthreads();
+  return true;
+}
+
+// The last CTA of a level: picks the digit where the mass crosses gamma and updates the
+// head's state (next level, or done with the threshold and the number of tied items taken).
+__device__ inline void radix_decide(RadixSmem& sm, GridRadixState* st, int level, uint32_t n, uint32_t n_allowed,
+                                    float gamma) {
+  constexpr int kShift[3] = {21, 10, 0};
+  constexpr uint32_t kMask[3] = {0x7ffu, 0x7ffu, 0x3ffu};
+  radix_find(true, gamma, 0u, st->above_cnt, st->above_mass, sm);
+  if (threadIdx.x != 0) return;
+  st->tickets = 0;
+  auto done = [&](uint32_t mark, uint32_t thr, uint32_t tie, uint32_t take) {
+    st->mark = mark;
+    st->thr_bits = thr;
+    st->tie_cnt = tie;
+    st->take = take;
+    st->mode = kModeDone;
+  };
+  auto start_count = [&](uint32_t K) {  // the top K by value, K = min(kg, causal entries): qa_mark
+    if (K == 0) return done(0, 0, 0, 0);
+    if (K >= n) return done(1, 0, 0, 0);
+    st->K = K;
+    st->mode = kModeCount;
+  };
+  if (!sm.found) return start_count(n < n_allowed ? n : n_allowed);  // mass never reaches gamma: kg = n
+  const uint32_t prefix = st->prefix | (sm.bucket << kShift[level]);
+  if (level < 2) {
+    st->prefix = prefix;
+    st->pmask |= kMask[level] << kShift[level];
+    st->above_cnt = sm.above_cnt;
+    st->above_mass = sm.above_mass;
+    return;
+  }
+  // Fewest t of the tied items with float(above + t v) >= gamma (monotone in t).
+  const unsigned long long v = to_fixed(prefix);
+  uint32_t lo = 1, hi = sm.bucket_cnt;
+  while (lo < hi) {
+    const uint32_t mid = lo + (hi - lo) / 2;
+    if (fixed_to_float(sm.above_mass + v * mid) >= gamma) hi = mid; else lo = mid + 1;
+  }
+  const uint32_t kg = sm.above_cnt + lo;
+  if (kg <= n_allowed) return done(2, prefix, sm.bucket_cnt, lo);
+  start_count(n_allowed);
+}
+
 // Step 5's estimate, per wave of heads, for the query-aware heads: est[hw, r, :] =
 // softmax over the causal key blocks of s pool(Q)[r] . pool(K) / NBq, zeros elsewhere (the
 // reference's masked softmax, flattened over the head). One CTA = kQaRows query blocks of
 // one head: the logits against every causal key block (8 lanes per key block, all rows at
-// once), then the row softmax (double sums, fixed order).
+// once), then the row softmax (float exponentials, double sums in a fixed order).
 // grid (ceil(NBq / kQaRows), heads_per_wave), kQaThreads threads.
 constexpr int kQaRows = 4;
 constexpr int kQaThreads = 256;
@@ -326,6 +419,7 @@ __global__ void __launch_bounds__(kQaThreads, 3) qa_estimate_kernel(const Select
   const int64_t chi_max = last_causal_block_dev(r0 + nrows - 1, p.seqlen_q, p.seqlen_k, bs);  // chi grows with r
   const float* pk = pool_k + (b * p.heads_kv + hk) * NBk * D;
   float* e0 = est + (hw * NBq + r0) * NBk;
+  const float scale_log2 = p.softmax_scale * 1.4426950408889634f;  // logits in log2 units
   float mx[kQaRows];
 #pragma unroll
   for (int rr = 0; rr < kQaRows; ++rr) mx[rr] = -INFINITY;
@@ -365,13 +459,14 @@ __global__ void __launch_bounds__(kQaThreads, 3) qa_estimate_kernel(const Select
 #pragma unroll
       for (int rr = 0; rr < kQaRows; ++rr)
         if (c <= chi[rr]) {
-          const float x = dot[rr] * p.softmax_scale;
+          const float x = dot[rr] * scale_log2;
           e0[rr * NBk + c] = x;
           mx[rr] = fmaxf(mx[rr], x);
         }
     }
   }
-  // Row maxima, then the row sums of exp in double (fixed order: lanes, then warps).
+  // Row maxima; the exponentials replace the logits, summed in double (fixed order: lanes,
+  // then warps); then the normalisation.
 #pragma unroll
   for (int rr = 0; rr < kQaRows; ++rr) {
     const float v = warp_max(mx[rr]);
@@ -390,7 +485,11 @@ __global__ void __launch_bounds__(kQaThreads, 3) qa_estimate_kernel(const Select
   for (int64_t c = tid; c <= chi_max; c += kQaThreads) {
 #pragma unroll
     for (int rr = 0; rr < kQaRows; ++rr)
-      if (c <= chi[rr]) z[rr] += exp(static_cast<double>(e0[rr * NBk + c]) - mx[rr]);
+      if (c <= chi[rr]) {
+        const float ex = exp2f(e0[rr * NBk + c] - mx[rr]);
+        e0[rr * NBk + c] = ex;
+        z[rr] += ex;
+      }
   }
 #pragma unroll
   for (int rr = 0; rr < kQaRows; ++rr) {
@@ -398,18 +497,17 @@ __global__ void __launch_bounds__(kQaThreads, 3) qa_estimate_kernel(const Select
     if (lane == 0) red_d[rr][warp] = v;
   }
   __syncthreads();
+  float zf[kQaRows];
 #pragma unroll
   for (int rr = 0; rr < kQaRows; ++rr) {
     double v = 0.0;
     for (int w = 0; w < kQaThreads / 32; ++w) v += red_d[rr][w];
-    z[rr] = 1.0 / (v * static_cast<double>(NBq));
+    zf[rr] = static_cast<float>(1.0 / (v * static_cast<double>(NBq)));
   }
   for (int64_t c = tid; c < NBk; c += kQaThreads) {
 #pragma unroll
     for (int rr = 0; rr < kQaRows; ++rr)
-      if (rr < nrows)
-        e0[rr * NBk + c] = c <= chi[rr] ? static_cast<float>(exp(static_cast<double>(e0[rr * NBk + c]) - mx[rr]) * z[rr])
-                                        : 0.f;
+      if (rr < nrows) e0[rr * NBk + c] = c <= chi[rr] ? e0[rr * NBk + c] * zf[rr] : 0.f;
   }
 }
 
@@ -440,24 +538,6 @@ __global__ void __launch_bounds__(kSelectThreads) qa_select_small_kernel(const S
 // writes the bitmask. The kept blocks are at most the positive (causal) estimates, so the
 // causal budget only cuts when the mass never reaches gamma (float rounding of a gamma
 // within ~1e-7 of 1): then qa_mark takes the top n_allowed by count on one CTA.
-struct GridRadixState {
-  uint32_t mode;  // kModeMass, kModeCount, kModeDone
-  uint32_t prefix, pmask, above_cnt;
-  unsigned long long above_mass;
-  uint32_t K;     // target rank of the count descent
-  uint32_t mark;  // when done: 0 none, 1 all, 2 by threshold
-  uint32_t thr_bits, tie_cnt, take, tickets;
-  uint32_t mark_ticket;  // qa_mark with ties split: chunks in the order their CTAs start
-};
-constexpr uint32_t kModeMass = 0, kModeCount = 1, kModeDone = 2;
-
-__device__ __forceinline__ GridRadixState* radix_state(unsigned char* ws, int64_t hw) {
-  return reinterpret_cast<GridRadixState*>(ws + hw * kRadixStateBytes);
-}
-__device__ __forceinline__ uint32_t* radix_global_hist(unsigned char* ws, int64_t hw) {  // [3][2048]
-  return reinterpret_cast<uint32_t*>(ws + hw * kRadixStateBytes + 64);
-}
-
 // grid (ceil(n / plan.qa_chunk), heads_per_wave), kSelectThreads threads.
 __global__ void __launch_bounds__(kSelectThreads) qa_radix_level_kernel(const SelectParams p, const SelectPlan plan,
                                                                         int64_t head0, const bool* query_aware,
@@ -477,66 +557,8 @@ __global__ void __launch_bounds__(kSelectThreads) qa_radix_level_kernel(const Se
   const uint32_t begin = blockIdx.x * chunk, end = min(begin + chunk, n);
   const float* x = est + hw * static_cast<int64_t>(n);
   radix_histogram(x, begin, end, st->prefix, st->pmask, kShift[level], kMask[level], true, sm);
-  for (int b = threadIdx.x; b < kRadixBuckets; b += blockDim.x) {
-    if (sm.cnt[b]) atomicAdd(gh + b, sm.cnt[b]);
-    const uint32_t lo = sm.mlo[b];
-    uint32_t hi = sm.mhi[b];
-    if (lo) {
-      const uint32_t old = atomicAdd(gh + kRadixBuckets + b, lo);
-      if (old + lo < old) ++hi;
-    }
-    if (hi) atomicAdd(gh + 2 * kRadixBuckets + b, hi);
-  }
-  __threadfence();
-  __syncthreads();
-  if (threadIdx.x == 0) is_last = atomicAdd(&st->tickets, 1u) == gridDim.x - 1;
-  __syncthreads();
-  if (!is_last) return;
-  __threadfence();
-  for (int b = threadIdx.x; b < kRadixBuckets; b += blockDim.x) {
-    sm.cnt[b] = __ldcg(gh + b);
-    sm.mlo[b] = __ldcg(gh + kRadixBuckets + b);
-    sm.mhi[b] = __ldcg(gh + 2 * kRadixBuckets + b);
-    gh[b] = gh[kRadixBuckets + b] = gh[2 * kRadixBuckets + b] = 0;  // for the next level
-  }
-  if (threadIdx.x == 0) sm.found = 0;
-  __syncthreads();
-  radix_find(true, p.gamma, 0u, st->above_cnt, st->above_mass, sm);
-  if (threadIdx.x != 0) return;
-  st->tickets = 0;
-  const uint32_t n_allowed = static_cast<uint32_t>(plan.n_allowed);
-  auto done = [&](uint32_t mark, uint32_t thr, uint32_t tie, uint32_t take) {
-    st->mark = mark;
-    st->thr_bits = thr;
-    st->tie_cnt = tie;
-    st->take = take;
-    st->mode = kModeDone;
-  };
-  auto start_count = [&](uint32_t K) {  // the top K by value, K = min(kg, causal entries): qa_mark
-    if (K == 0) return done(0, 0, 0, 0);
-    if (K >= n) return done(1, 0, 0, 0);
-    st->K = K;
-    st->mode = kModeCount;
-  };
-  if (!sm.found) return start_count(n < n_allowed ? n : n_allowed);  // mass never reaches gamma: kg = n
-  const uint32_t prefix = st->prefix | (sm.bucket << kShift[level]);
-  if (level < 2) {
-    st->prefix = prefix;
-    st->pmask |= kMask[level] << kShift[level];
-    st->above_cnt = sm.above_cnt;
-    st->above_mass = sm.above_mass;
-    return;
-  }
-  // Fewest t of the tied items with float(above + t v) >= gamma (monotone in t).
-  const unsigned long long v = to_fixed(prefix);
-  uint32_t lo = 1, hi = sm.bucket_cnt;
-  while (lo < hi) {
-    const uint32_t mid = lo + (hi - lo) / 2;
-    if (fixed_to_float(sm.above_mass + v * mid) >= p.gamma) hi = mid; else lo = mid + 1;
-  }
-  const uint32_t kg = sm.above_cnt + lo;
-  if (kg <= n_allowed) return done(2, prefix, sm.bucket_cnt, lo);
-  start_count(n_allowed);
+  if (!radix_publish(sm, st, gh, gridDim.x, kRadixBuckets, is_last)) return;
+  radix_decide(sm, st, level, n, static_cast<uint32_t>(plan.n_allowed), p.gamma);
 }
 
 // Bitmask of the selection. grid (ceil(n / plan.qa_chunk), heads_per_wave), kSelectThreads.
@@ -606,7 +628,7 @@ __global__ void __launch_bounds__(kSelectThreads) qa_mark_kernel(const SelectPar
   }
 }
 
-__device__ __forceinline__ bool test_bit(const uint32_t* words, int i) { return (words[i >> 5] >> (i & 31)) & 1u; }
+__device__ __forceinline__ bool test_bit(const uint32_t* words, int i) { return (__ldg(words + (i >> 5)) >> (i & 31)) & 1u; }
 
 // Steps 4-7 together: kv_count [B, Hq, NBq], kv_index [B, Hq, NBq, NBk] (ascending, then
 // zeros). One warp per query block; grid (ceil(NBq / 4), Hq, B), 128 threads. 32-bit
@@ -636,13 +658,16 @@ __global__ void assemble_kernel(const SelectParams p, const SelectPlan plan, con
     for (int c0 = 0; c0 <= chi; c0 += 32) {
       const int c = c0 + lane;
       bool keep = false;
-      if (c <= chi) {
-        keep = c == 0 || c >= clo || test_bit(cw, c);
-        if (!keep && qw) keep = test_bit(qw, r * NBk + c);
-        if (!keep) {  // a selected distance in [lo - c bs - bs + 1, hi - c bs] (bins of bs): <= 3 bins
-          const int a = max(lo - c * bs - bs + 1, 0), e = min(hi - c * bs, Nk - 1);
-          for (int t = a >> sh; t <= (e >> sh) && a <= e; ++t) keep |= test_bit(tw, t);
-        }
+      if (c <= chi) {  // every bitmask load issued at once (no chain of dependent loads)
+        const bool col = test_bit(cw, c);
+        const bool qsel = qw && test_bit(qw, r * NBk + c);
+        // A selected distance in [lo - c bs - bs + 1, hi - c bs] (bins of bs): <= 3 bins.
+        const int a = max(lo - c * bs - bs + 1, 0), e = min(hi - c * bs, Nk - 1);
+        const int t0 = a >> sh, t1 = a <= e ? e >> sh : t0 - 1;
+        bool bin = false;
+#pragma unroll
+        for (int j = 0; j < 3; ++j) bin |= t0 + j <= t1 && test_bit(tw, t0 + j);
+        keep = c == 0 || c >= clo || col || qsel || bin;
       }
       const uint32_t ballot = __ballot_sync(0xffffffffu, keep);
       if (keep) out[count + __popc(ballot & ((1u << lane) - 1u))] = c;
