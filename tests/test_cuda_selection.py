@@ -265,6 +265,29 @@ def test_cuda_graph_and_determinism():
         assert_same_selection(again, eager, "eager run twice")
 
 
+def test_busy_user_stream():
+    """The op runs step 4 on a side stream forked from the caller's stream and joined back.
+    Called on a user stream that is still busy (a long sleep queued before the inputs are
+    written), every kernel must wait for that stream: the result equals an idle-stream call."""
+    case = (1, 2048, 2048, 16, 4, 128, 128, torch.bfloat16, True, 0.9, 0.1, 256, None)  # both patterns
+    args = case_args(case)
+    q, k = make_qk(case)
+    want = flexprefill.select_blocks(q, k, **args)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        q2, k2 = torch.zeros_like(q), torch.zeros_like(k)
+        torch.cuda._sleep(50_000_000)  # tens of milliseconds before the inputs are written
+        q2.copy_(q)
+        k2.copy_(k)
+        got = flexprefill.select_blocks(q2, k2, **args)
+        got_cpu = [t.cpu() for t in (got.kv_count, got.kv_index, got.query_aware)]  # ordered on s
+    torch.cuda.synchronize()
+    assert bool(want.query_aware.any()) and not bool(want.query_aware.all()), "want both patterns"
+    for name, a in zip(("kv_count", "kv_index", "query_aware"), got_cpu):
+        assert torch.equal(a, getattr(want, name).cpu()), f"busy stream: {name} differs"
+
+
 def test_strided_and_misaligned_inputs():
     """q, k as views of packed projections (row stride > H D) and at an odd element offset
     (not 16-byte aligned: the op copies them) give the contiguous result."""

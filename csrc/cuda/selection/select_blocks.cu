@@ -65,11 +65,28 @@ void launch_rep_pass(const SelectParams& p, const SelectPlan& plan, const Select
 }
 
 // Steps 2-4 from the records: lse2, vertical / slash mass, query_aware (p.query_aware) and
-// the vertical-slash bitmasks.
-void launch_finish_pass(const SelectParams& p, const SelectPlan& plan, const SelectBuffers& w, cudaStream_t stream) {
-  C10_CUDA_CHECK(selection::launch_finish(p, plan, w, stream));
+// the vertical-slash bitmasks (`part`: all, or the decision / the vertical-slash selection).
+void launch_finish_pass(const SelectParams& p, const SelectPlan& plan, const SelectBuffers& w, cudaStream_t stream,
+                        int part = selection::kFinishAll) {
+  C10_CUDA_CHECK(selection::launch_finish(p, plan, w, part, stream));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
+
+// Two events for one fork / join between streams (timing disabled; destroyed with the
+// object: CUDA releases an event still pending in a stream once it completes).
+struct ForkJoinEvents {
+  cudaEvent_t fork = nullptr, join = nullptr;
+  ForkJoinEvents() {
+    C10_CUDA_CHECK(cudaEventCreateWithFlags(&fork, cudaEventDisableTiming));
+    C10_CUDA_CHECK(cudaEventCreateWithFlags(&join, cudaEventDisableTiming));
+  }
+  ~ForkJoinEvents() {
+    cudaEventDestroy(fork);
+    cudaEventDestroy(join);
+  }
+  ForkJoinEvents(const ForkJoinEvents&) = delete;
+  ForkJoinEvents& operator=(const ForkJoinEvents&) = delete;
+};
 
 // Inputs the kernels can read: rows copied when the layout does not allow 16-byte loads.
 std::pair<at::Tensor, at::Tensor> kernel_inputs(const at::Tensor& q, const at::Tensor& k) {
@@ -136,9 +153,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> select_blocks_cuda(const at::Tens
   // starts on it a few microseconds sooner.
   launch_rep_pass(p, plan, w, stream);
   allocate_outputs();
-  launch_finish_pass(p, plan, w, stream);
+  // With a query-aware step, the vertical-slash selection (step 4) runs on a side stream
+  // beside it: both need only the decision. Fork and join through events (capturable in a
+  // CUDA graph); the workspace stays alive for the side stream's work because the main
+  // stream waits for it before anything after this op can reuse the memory.
+  const bool overlap = !plan.keep_all && plan.any_query_aware;
+  c10::optional<ForkJoinEvents> fj;
+  if (overlap) {
+    launch_finish_pass(p, plan, w, stream, selection::kFinishDecide);
+    const at::cuda::CUDAStream side = at::cuda::getStreamFromPool(false, q.device().index());
+    fj.emplace();
+    C10_CUDA_CHECK(cudaEventRecord(fj->fork, stream));
+    C10_CUDA_CHECK(cudaStreamWaitEvent(side, fj->fork, 0));
+    launch_finish_pass(p, plan, w, side, selection::kFinishSelect);
+    C10_CUDA_CHECK(cudaEventRecord(fj->join, side));
+  } else {
+    launch_finish_pass(p, plan, w, stream);
+  }
 
-  if (!plan.keep_all && plan.any_query_aware) {
+  if (overlap) {
     const bool small = p.num_q_blocks * p.num_k_blocks <= selection::kQaSmallMax;
     if (!small) C10_CUDA_CHECK(cudaMemsetAsync(w.qa, 0, sizeof(uint32_t) * B * Hq * plan.qa_words, stream));
     for (int64_t wave = 0; wave < plan.waves; ++wave) {
@@ -161,6 +194,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> select_blocks_cuda(const at::Tens
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   }
+  if (overlap) C10_CUDA_CHECK(cudaStreamWaitEvent(stream, fj->join, 0));
   C10_CUDA_CHECK(selection::launch_assemble(p, plan, &w, plan.keep_all, stream));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {kv_count, kv_index, query_aware};

@@ -171,9 +171,12 @@ __global__ void __launch_bounds__(kRecThreads) finish_records_kernel(const Selec
 //       below (L): slash[t] = (A[q0-t] + B[q0+1-t] + C[q0-t-1] + D[q0-t]) / m;
 //   (d) step 3: query_aware = sqrt(JSD(softmax(s pool(K) mean(Q̂)) || vert)) < tau (double);
 //   (e) step 4: the vertical columns and slash bins (query-aware heads: the min-budget ones).
-// Every sum runs in a fixed order: the result is deterministic.
+// Every sum runs in a fixed order: the result is deterministic. `part`: kFinishAll, or
+// kFinishDecide ((c), (d)) and then kFinishSelect ((e), from query_aware in global memory),
+// so that (e) can run beside the query-aware estimate, which needs only (d).
+constexpr int kFinishAll = 0, kFinishDecide = 1, kFinishSelect = 2;
 __global__ void __launch_bounds__(kSelectThreads) finish_kernel(const SelectParams p, const SelectPlan plan,
-                                                                const SelectBuffers w) {
+                                                                const SelectBuffers w, int part) {
   __shared__ union SelSmem {
     RadixSmem radix;
     RankSmem rank;
@@ -189,39 +192,45 @@ __global__ void __launch_bounds__(kSelectThreads) finish_kernel(const SelectPara
   const float4* abcd = reinterpret_cast<const float4*>(w.abcd) + head * NBk;
   const float* vert = w.vert + head * NBk;
 
-  // (c)
   float* slash = w.slash + head * NBk;
-  for (int64_t t = tid; t < NBk; t += nthreads) {
-    float s = 0.f;
-    if (q0 - t >= 0 && q0 - t < NBk) s += abcd[q0 - t].x;
-    if (q0 + 1 - t >= 0 && q0 + 1 - t < NBk) s += abcd[q0 + 1 - t].y;
-    if (q0 - t - 1 >= 0 && q0 - t - 1 < NBk) s += abcd[q0 - t - 1].z;
-    if (q0 - t >= 0 && q0 - t < NBk) s += abcd[q0 - t].w;
-    slash[t] = s * inv_m;
-  }
+  bool query_aware;
+  if (part == kFinishSelect) {
+    if (plan.keep_all) return;
+    query_aware = p.query_aware[head];
+  } else {
+    // (c)
+    for (int64_t t = tid; t < NBk; t += nthreads) {
+      float s = 0.f;
+      if (q0 - t >= 0 && q0 - t < NBk) s += abcd[q0 - t].x;
+      if (q0 + 1 - t >= 0 && q0 + 1 - t < NBk) s += abcd[q0 + 1 - t].y;
+      if (q0 - t - 1 >= 0 && q0 - t - 1 < NBk) s += abcd[q0 - t - 1].z;
+      if (q0 - t >= 0 && q0 - t < NBk) s += abcd[q0 - t].w;
+      slash[t] = s * inv_m;
+    }
 
-  // (d)
-  const float* x = w.jsd_logits + head * NBk;
-  float mx = -INFINITY;
-  for (int64_t c = tid; c < NBk; c += nthreads) mx = fmaxf(mx, x[c]);
-  mx = block_max(mx, red_f);  // also orders the x[], vert[], slash[] writes before the reads below
-  double z = 0.0;
-  for (int64_t c = tid; c < NBk; c += nthreads) z += exp(static_cast<double>(x[c]) - mx);
-  z = block_sum(z, red_d);
-  double jsd = 0.0;
-  const double eps = static_cast<double>(kJsdEps);
-  for (int64_t c = tid; c < NBk; c += nthreads) {
-    double pe = exp(static_cast<double>(x[c]) - mx) / z;
-    double pt = static_cast<double>(vert[c]);
-    pe = pe > eps ? pe : eps;
-    pt = pt > eps ? pt : eps;
-    const double mid = 0.5 * (pe + pt);
-    jsd += 0.5 * pe * log(pe / mid) + 0.5 * pt * log(pt / mid);
+    // (d)
+    const float* x = w.jsd_logits + head * NBk;
+    float mx = -INFINITY;
+    for (int64_t c = tid; c < NBk; c += nthreads) mx = fmaxf(mx, x[c]);
+    mx = block_max(mx, red_f);  // also orders the x[], vert[], slash[] writes before the reads below
+    double z = 0.0;
+    for (int64_t c = tid; c < NBk; c += nthreads) z += exp(static_cast<double>(x[c]) - mx);
+    z = block_sum(z, red_d);
+    double jsd = 0.0;
+    const double eps = static_cast<double>(kJsdEps);
+    for (int64_t c = tid; c < NBk; c += nthreads) {
+      double pe = exp(static_cast<double>(x[c]) - mx) / z;
+      double pt = static_cast<double>(vert[c]);
+      pe = pe > eps ? pe : eps;
+      pt = pt > eps ? pt : eps;
+      const double mid = 0.5 * (pe + pt);
+      jsd += 0.5 * pe * log(pe / mid) + 0.5 * pt * log(pt / mid);
+    }
+    jsd = block_sum(jsd, red_d);  // every thread gets the same value
+    query_aware = sqrt(jsd > 0.0 ? jsd : 0.0) < plan.tau;
+    if (tid == 0) p.query_aware[head] = query_aware;
+    if (plan.keep_all || part == kFinishDecide) return;
   }
-  jsd = block_sum(jsd, red_d);  // every thread gets the same value
-  const bool query_aware = sqrt(jsd > 0.0 ? jsd : 0.0) < plan.tau;
-  if (tid == 0) p.query_aware[head] = query_aware;
-  if (plan.keep_all) return;
 
   // (e)
   const uint32_t n = static_cast<uint32_t>(NBk), kmin = static_cast<uint32_t>(plan.min_blocks),
@@ -681,13 +690,17 @@ __global__ void assemble_kernel(const SelectParams p, const SelectPlan plan, con
 // ---------------------------------------------------------------------------------------
 // Launchers.
 
-inline cudaError_t launch_finish(const SelectParams& p, const SelectPlan& plan, const SelectBuffers& w,
+// part kFinishAll / kFinishDecide: the records kernel, then finish_kernel; kFinishSelect:
+// finish_kernel's step 4 alone.
+inline cudaError_t launch_finish(const SelectParams& p, const SelectPlan& plan, const SelectBuffers& w, int part,
                                  cudaStream_t s) {
-  const dim3 grid((p.num_k_blocks + kRecBlocks - 1) / kRecBlocks, p.batch * p.heads_q);
-  finish_records_kernel<<<grid, kRecThreads, 0, s>>>(p, plan, w);
-  const cudaError_t e = cudaGetLastError();
-  if (e != cudaSuccess) return e;
-  finish_kernel<<<p.batch * p.heads_q, kSelectThreads, 0, s>>>(p, plan, w);
+  if (part != kFinishSelect) {
+    const dim3 grid((p.num_k_blocks + kRecBlocks - 1) / kRecBlocks, p.batch * p.heads_q);
+    finish_records_kernel<<<grid, kRecThreads, 0, s>>>(p, plan, w);
+    const cudaError_t e = cudaGetLastError();
+    if (e != cudaSuccess) return e;
+  }
+  finish_kernel<<<p.batch * p.heads_q, kSelectThreads, 0, s>>>(p, plan, w, part);
   return cudaGetLastError();
 }
 inline cudaError_t launch_qa_pool(const SelectParams& p, const SelectPlan& plan, const SelectBuffers& w, int64_t head0,

@@ -2,17 +2,19 @@
 // Framework-free (host only): the glue fills a SelectPlan from SelectParams, allocates
 // `workspace_bytes` on the device, and the kernels read their buffers at the offsets below.
 //
-// Pipeline (all on one stream, no host synchronisation):
+// Pipeline (no host synchronisation):
 //   rep        one pass of softmax(s Q̂ Kᵀ) over the keys, split over CTAs: per (row, key
 //              block) records [B,Hq,NBk,3,m]; also pool(K) [B,Hkv,NBk,D], mean(Q̂) [B,Hq,D]
 //                                                                                  (steps 1-3)
 //   finish     records: many CTAs per head: row LSE, vertical mass [B,Hq,NBk], the JSD
 //              logits; then one CTA per head: slash bin mass [B,Hq,NBk], the JSD decision
 //              query_aware [B,Hq], and the vertical-slash selection (column / distance-bin
-//              bitmasks)                                                           (steps 2-4)
+//              bitmasks); with query-aware heads possible, the selection runs on a side
+//              stream beside step 5 (forked after the decision, joined before assemble)
+//                                                                                  (steps 2-4)
 //   per wave of heads: qa_pool (pool(Q)), qa_estimate (logits, row softmax), then the selection:
 //              one CTA per head (qa_select_small) when NBq * NBk <= kQaSmallMax, else
-//              qa_radix_level (<= 6 launches, many CTAs per head) and qa_mark     (step 5)
+//              qa_radix_level (3 launches, many CTAs per head) and qa_mark         (step 5)
 //   assemble   kv_count, kv_index                                                  (steps 4-7)
 #pragma once
 
@@ -58,8 +60,9 @@ struct SelectPlan {
   double tau = 0.0;
   float scale_log2 = 0.f;
   int64_t cols_words = 0, qa_words = 0;  // uint32 words per head (columns and bins: NBk bits)
-  // Workspace offsets in bytes. Persistent buffers, then phase 1 (the rep kernel's records
-  // and the finish kernel) and phase 2 (the query-aware estimate), which alias.
+  // Workspace offsets in bytes. Persistent buffers (everything that step 4 reads or writes,
+  // since it runs beside step 5), then phase 1 (the rep kernel's records and the finish
+  // kernel) and phase 2 (the query-aware estimate), which alias.
   size_t off_pool_k = 0, off_qhat_mean = 0, off_jsd_logits = 0, off_vert = 0;
   size_t off_cols = 0, off_bins = 0, off_qa = 0;
   size_t off_rec = 0, off_part_ref = 0, off_part_sum = 0, off_abcd = 0, off_lse2 = 0, off_slash = 0;
@@ -153,13 +156,13 @@ inline SelectPlan make_select_plan(const SelectParams& p, double gamma, double t
   plan.off_cols = take(sizeof(uint32_t) * BH * plan.cols_words);
   plan.off_bins = take(sizeof(uint32_t) * BH * plan.cols_words);
   plan.off_qa = take(plan.any_query_aware ? sizeof(uint32_t) * BH * plan.qa_words : 0);
+  plan.off_slash = take(sizeof(float) * BH * NBk);  // read by step 4 beside step 5 (side stream)
   const size_t phase_start = off;
   plan.off_rec = take(sizeof(float) * BH * NBk * 3 * m);
   plan.off_part_ref = take(sizeof(float) * BH * plan.num_splits * m);
   plan.off_part_sum = take(sizeof(float) * BH * plan.num_splits * m);
   plan.off_abcd = take(sizeof(float) * BH * NBk * 4);
   plan.off_lse2 = take(sizeof(float) * BH * m);
-  plan.off_slash = take(sizeof(float) * BH * NBk);
   const size_t phase1_end = off;
 
   off = phase_start;
