@@ -51,6 +51,18 @@ __device__ __forceinline__ float fixed_to_float(unsigned long long v) {
   return static_cast<float>(static_cast<double>(v) * (1.0 / kFixedOne));
 }
 
+// (*hi, *lo) += v atomically for a 64-bit sum kept in two 32-bit words: the carry out of
+// the low word goes to the high word (the sum of the adds is exact once all have landed).
+__device__ __forceinline__ void atomic_add_u64_split(uint32_t* lo, uint32_t* hi, unsigned long long v) {
+  const uint32_t vlo = static_cast<uint32_t>(v);
+  uint32_t vhi = static_cast<uint32_t>(v >> 32);
+  if (vlo) {
+    const uint32_t old = atomicAdd(lo, vlo);
+    if (old + vlo < old) ++vhi;
+  }
+  if (vhi) atomicAdd(hi, vhi);
+}
+
 // Histogram of the items x[begin, end) whose bits match `prefix` under `pmask`, by digit
 // (bits >> shift) & dmask. Every lane adds its own item with shared-memory atomics (count,
 // and the 62-bit fixed-point mass as a low word whose carries go to the high word); a warp
@@ -104,11 +116,7 @@ __device__ inline void radix_histogram(const float* x, uint32_t begin, uint32_t 
                                              (static_cast<unsigned long long>(l1) << 21) +
                                              (static_cast<unsigned long long>(l2) << 42);
             atomicAdd(&sm.cnt[key], 32u);
-            const uint32_t lo = static_cast<uint32_t>(total);
-            uint32_t hi = static_cast<uint32_t>(total >> 32);
-            const uint32_t old = atomicAdd(&sm.mlo[key], lo);
-            if (old + lo < old) ++hi;  // carry out of the low word
-            if (hi) atomicAdd(&sm.mhi[key], hi);
+            atomic_add_u64_split(&sm.mlo[key], &sm.mhi[key], total);
           }
         } else if (lane == 0) {
           atomicAdd(&sm.cnt[key], 32u);
@@ -117,14 +125,7 @@ __device__ inline void radix_histogram(const float* x, uint32_t begin, uint32_t 
       }
       if (key == kNone) continue;
       atomicAdd(&sm.cnt[key], 1u);
-      if (with_mass) {
-        const unsigned long long uf = to_fixed(bits);
-        const uint32_t lo = static_cast<uint32_t>(uf);
-        uint32_t hi = static_cast<uint32_t>(uf >> 32);
-        const uint32_t old = atomicAdd(&sm.mlo[key], lo);
-        if (old + lo < old) ++hi;
-        if (hi) atomicAdd(&sm.mhi[key], hi);
-      }
+      if (with_mass) atomic_add_u64_split(&sm.mlo[key], &sm.mhi[key], to_fixed(bits));
     }
   }
   zeros = warp_sum(zeros);

@@ -323,13 +323,8 @@ __device__ inline bool radix_publish(RadixSmem& sm, GridRadixState* st, uint32_t
                                      uint32_t& is_last) {
   for (int b = threadIdx.x; b < nbuckets; b += blockDim.x) {
     if (sm.cnt[b]) atomicAdd(gh + b, sm.cnt[b]);
-    const uint32_t lo = sm.mlo[b];
-    uint32_t hi = sm.mhi[b];
-    if (lo) {
-      const uint32_t old = atomicAdd(gh + kRadixBuckets + b, lo);
-      if (old + lo < old) ++hi;
-    }
-    if (hi) atomicAdd(gh + 2 * kRadixBuckets + b, hi);
+    atomic_add_u64_split(gh + kRadixBuckets + b, gh + 2 * kRadixBuckets + b,
+                         (static_cast<unsigned long long>(sm.mhi[b]) << 32) | sm.mlo[b]);
   }
   __threadfence();
   __syncthreads();
