@@ -316,12 +316,12 @@ __device__ __forceinline__ uint32_t* radix_global_hist(unsigned char* ws, int64_
   return reinterpret_cast<uint32_t*>(ws + hw * kRadixStateBytes + 64);
 }
 
-// Adds the CTA's histogram (buckets [0, nbuckets)) to the head's global one; true in the
-// last CTA of the head to do so (`ctas` of them), which then holds the complete histogram
-// in sm (and the global one is zeroed for the next level).
-__device__ inline bool radix_publish(RadixSmem& sm, GridRadixState* st, uint32_t* gh, uint32_t ctas, int nbuckets,
+// Adds the CTA's histogram to the head's global one; true in the last CTA of the head to do
+// so (`ctas` of them), which then holds the complete histogram in sm (and the global one is
+// zeroed for the next level).
+__device__ inline bool radix_publish(RadixSmem& sm, GridRadixState* st, uint32_t* gh, uint32_t ctas,
                                      uint32_t& is_last) {
-  for (int b = threadIdx.x; b < nbuckets; b += blockDim.x) {
+  for (int b = threadIdx.x; b < kRadixBuckets; b += blockDim.x) {
     if (sm.cnt[b]) atomicAdd(gh + b, sm.cnt[b]);
     atomic_add_u64_split(gh + kRadixBuckets + b, gh + 2 * kRadixBuckets + b,
                          (static_cast<unsigned long long>(sm.mhi[b]) << 32) | sm.mlo[b]);
@@ -561,7 +561,7 @@ __global__ void __launch_bounds__(kSelectThreads) qa_radix_level_kernel(const Se
   const uint32_t begin = blockIdx.x * chunk, end = min(begin + chunk, n);
   const float* x = est + hw * static_cast<int64_t>(n);
   radix_histogram(x, begin, end, st->prefix, st->pmask, kShift[level], kMask[level], true, sm);
-  if (!radix_publish(sm, st, gh, gridDim.x, kRadixBuckets, is_last)) return;
+  if (!radix_publish(sm, st, gh, gridDim.x, is_last)) return;
   radix_decide(sm, st, level, n, static_cast<uint32_t>(plan.n_allowed), p.gamma);
 }
 
