@@ -39,7 +39,7 @@ __device__ __forceinline__ void log2_sum_add(float& mx, float& sum, float M, flo
   }
 }
 
-// Steps 1-3 from the rep kernel's records, many CTAs per head: grid (ceil(NBk /
+// Steps 2-3 from the rep kernel's records, many CTAs per head: grid (ceil(NBk /
 // kRecBlocks), B * Hq), kRecThreads threads. Every CTA computes
 //   (a) the row LSE from the per-split (reference, sum) pairs (the first CTA of a head
 //       writes it, lse2 [B, Hq, m], log2 units);
