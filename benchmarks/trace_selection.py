@@ -1,0 +1,48 @@
+"""Trace one flexprefill.select_blocks call on the GPU: every kernel launch, in start order.
+
+Name, duration and start time (torch profiler), on the structured inputs of
+bench_selection.py. Shows which kernels overlap (the side-stream step 4) and where the time
+goes at one length and head dim; bench_selection.py --profile gives the per-kernel totals.
+
+    python benchmarks/trace_selection.py --seqlen 32768 --head-dim 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+import flexprefill
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_selection import ARGS, inputs  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seqlen", type=int, default=32768)
+    ap.add_argument("--head-dim", type=int, default=128)
+    ap.add_argument("--gaussian", action="store_true", help="Gaussian inputs instead of structured ones")
+    a = ap.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("trace_selection.py needs a CUDA GPU")
+    q, k, _ = inputs(a.seqlen, a.head_dim, structured=not a.gaussian)
+    flexprefill.select_blocks(q, k, **ARGS)  # warm-up
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        flexprefill.select_blocks(q, k, **ARGS)
+        torch.cuda.synchronize()
+    events = sorted((e for e in prof.events() if e.device_type.name == "CUDA"), key=lambda e: e.time_range.start)
+    t0 = events[0].time_range.start if events else 0
+    print(f"select_blocks at N={a.seqlen}, D={a.head_dim} ({'Gaussian' if a.gaussian else 'structured'} inputs):")
+    print(f"  {'kernel':70s} {'ms':>8s} {'start ms':>9s}")
+    for e in events:
+        print(f"  {e.name[:70]:70s} {e.device_time / 1000:8.4f} {(e.time_range.start - t0) / 1000:9.3f}")
+
+
+if __name__ == "__main__":
+    main()
