@@ -7,7 +7,8 @@ Knobs (all optional):
                               to iterate faster; the default builds all of them
   FLEXPREFILL_CUDA_PARTS=attention,selection
                               build only these folders of csrc/cuda (development only)
-  TORCH_CUDA_ARCH_LIST        GPU architectures (default: "8.0;9.0a")
+  TORCH_CUDA_ARCH_LIST        GPU architectures (default: "8.0;9.0a"; with 9.0a and not 9.0,
+                              Hopper GPUs run the wgmma kernels)
   MAX_JOBS                    parallel compile jobs
 """
 
@@ -73,6 +74,13 @@ def head_dim_filter(paths):
     return kept, dims
 
 
+def has_sm90a(arch_list):
+    """True when the build has sm_90a code for Hopper (the wgmma kernels) and no plain sm_90
+    code that the driver might pick for the same GPU instead."""
+    archs = {a.strip().split("+")[0] for a in re.split(r"[;\s]+", arch_list) if a.strip()}
+    return "9.0a" in archs and "9.0" not in archs
+
+
 def extensions():
     sources = rel(glob.glob(os.path.join(ROOT, "csrc", "*.cpp")) + glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp")))
     cxx = ["-O3", "-std=c++17", "-fopenmp", f"-DPy_LIMITED_API={PY_LIMITED_API}"]
@@ -88,6 +96,8 @@ def extensions():
         keep = {p.strip() for p in parts.split(",")}
         cuda_sources = [s for s in cuda_sources if len(s.split(os.sep)) == 3 or s.split(os.sep)[2] in keep]
     defines = ["-DFLEXPREFILL_WITH_CUDA"]
+    if has_sm90a(os.environ["TORCH_CUDA_ARCH_LIST"]):
+        defines.append("-DFLEXPREFILL_SM90A")
     if dims is not None:
         defines += ["-DFLEXPREFILL_HEAD_DIMS_SUBSET"] + [f"-DFLEXPREFILL_HDIM_{d}" for d in dims]
     nvcc = [

@@ -1,21 +1,90 @@
-// Instantiations of the one-pass representative-query attention (rep_attention.cuh), in
-// their own translation unit so they compile in parallel with the rest of the selection.
-// A head dim is instantiated when its attention instantiation is built (setup.py's
-// FLEXPREFILL_HEAD_DIMS), so the selection supports exactly the head dims the op accepts.
-#include "cuda/attention/static_switch.h"
-#include "cuda/selection/rep_attention.cuh"
+// Instantiations of the one-pass representative-query attention (rep_attention.cuh and its
+// wgmma form rep_attention_sm90.cuh), in their own translation unit so they compile in
+// parallel with the rest of the selection. A head dim is instantiated when its attention
+// instantiation is built (setup.py's FLEXPREFILL_HEAD_DIMS), so the selection supports
+// exactly the head dims the op accepts.
+#include <algorithm>
+
+#include "cuda/selection/rep_attention_sm90.cuh"
 
 namespace flexprefill {
 namespace selection {
 
+namespace {
+
+bool head_dim_built(int head_dim) {
+  switch (head_dim) {
+#if !defined(FLEXPREFILL_HEAD_DIMS_SUBSET) || defined(FLEXPREFILL_HDIM_64)
+    case 64:
+#endif
+#if !defined(FLEXPREFILL_HEAD_DIMS_SUBSET) || defined(FLEXPREFILL_HDIM_80)
+    case 80:
+#endif
+#if !defined(FLEXPREFILL_HEAD_DIMS_SUBSET) || defined(FLEXPREFILL_HDIM_96)
+    case 96:
+#endif
+#if !defined(FLEXPREFILL_HEAD_DIMS_SUBSET) || defined(FLEXPREFILL_HDIM_128)
+    case 128:
+#endif
+#if !defined(FLEXPREFILL_HEAD_DIMS_SUBSET) || defined(FLEXPREFILL_HDIM_256)
+    case 256:
+#endif
+      return true;
+    default:
+      return false;
+  }
+}
+
+template <int D>
+cudaError_t launch_dim(const RepParams& p, int batch, bool is_bf16, cudaStream_t stream) {
+  if constexpr (D % 64 == 0) {  // rep_config picks 2 only up to D = 128
+    if constexpr (D <= 128) {
+      if (p.sm90 == 2)
+        return is_bf16 ? launch_rep_sm90<true, D, 2>(p, batch, stream) : launch_rep_sm90<false, D, 2>(p, batch, stream);
+    }
+    if (p.sm90 == 1)
+      return is_bf16 ? launch_rep_sm90<true, D, 1>(p, batch, stream) : launch_rep_sm90<false, D, 1>(p, batch, stream);
+  }
+  if (p.sm90) return cudaErrorInvalidValue;
+  return is_bf16 ? launch_rep<true, D>(p, batch, stream) : launch_rep<false, D>(p, batch, stream);
+}
+
+}  // namespace
+
+RepConfig rep_config(const cudaDeviceProp& prop, int head_dim, int m, int group) {
+  RepConfig c;
+#if defined(FLEXPREFILL_SM90A)
+  if (prop.major == 9 && prop.minor == 0 && head_dim % 64 == 0 && head_dim_built(head_dim)) {
+    // 32 rows a warp (two CTAs per SM) where it fits, else 16 rows a warp.
+    for (int m16 = head_dim <= 128 ? 2 : 1; m16 >= 1; --m16) {
+      int best = 0;
+      for (int d = 1; d <= group; ++d)
+        if (group % d == 0 && rep_sm90_ok(head_dim, m, d, m16) &&
+            rep_sm90_smem_layout(head_dim, m, d, m16).total <= static_cast<int>(prop.sharedMemPerBlockOptin))
+          best = d;
+      if (best == 0) continue;
+      c.sm90 = m16;
+      c.heads_per_cta = best;
+      c.threads = 2 * m * best / m16;
+      const int by_regs = 65536 / (128 * c.threads);  // <= 128 registers a thread
+      const int by_smem = static_cast<int>(prop.sharedMemPerMultiprocessor) /
+                          (rep_sm90_smem_layout(head_dim, m, best, m16).total +
+                           static_cast<int>(prop.reservedSharedMemPerBlock));
+      c.ctas_per_sm = std::max(1, std::min(by_regs, by_smem));
+      return c;
+    }
+  }
+#endif
+  c.heads_per_cta = rep_heads_per_cta(head_dim, m, group, static_cast<int>(prop.sharedMemPerBlockOptin));
+  c.threads = m * c.heads_per_cta;
+  c.ctas_per_sm = rep_ctas_per_sm(head_dim);
+  return c;
+}
+
 cudaError_t launch_rep_any(const RepParams& p, int batch, bool is_bf16, int head_dim, cudaStream_t stream) {
-  auto go = [&](auto dim_tag) -> cudaError_t {
-    constexpr int D = decltype(dim_tag)::value;
-    return is_bf16 ? launch_rep<true, D>(p, batch, stream) : launch_rep<false, D>(p, batch, stream);
-  };
-  const int64_t head_dim_ = head_dim;
+  if (!head_dim_built(head_dim)) return cudaErrorInvalidValue;
 #define FLEXPREFILL_REP_CASE(D) \
-  if (head_dim_ == D) return go(std::integral_constant<int, D>{});
+  if (head_dim == D) return launch_dim<D>(p, batch, is_bf16, stream);
 #if !defined(FLEXPREFILL_HEAD_DIMS_SUBSET) || defined(FLEXPREFILL_HDIM_64)
   FLEXPREFILL_REP_CASE(64)
 #endif

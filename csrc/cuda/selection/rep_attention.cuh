@@ -55,9 +55,13 @@ struct RepParams {
   float* part_sum;   // [B, Hq, splits, m]  sum of 2^(x - ref) over the split's keys
   float* pool_k;     // [B, Hkv, NBk, D]
   float* qhat_mean;  // [B, Hq, D]
+  int sm90;          // the wgmma kernel with 16 * sm90 rows a warp (1 or 2), or 0: mma.sync (rep_config)
 };
 
-constexpr int kPoolPartFloats = 512;  // K pooling partials per parity: [phases][D / 2 pairs][2] <= 2 * max(256, D / 2)
+
+// K pooling partials per parity of the key block for a CTA of up to `threads` threads:
+// [phases][pairs][2] <= 2 max(threads, D / 2) floats.
+constexpr int rep_pool_part_floats(int threads, int D) { return 2 * (threads > D / 2 ? threads : D / 2); }
 
 // Shared-memory layout (bytes), the same on host and device.
 struct RepSmem {
@@ -73,7 +77,7 @@ __host__ __device__ inline RepSmem rep_smem_layout(int D, int m, int heads_per_c
   s.q_off = 0;
   s.k_off = up(heads_per_cta * m * ld * 2);
   s.pool_off = s.k_off + up(rep_stages(D) * kTileKeys * ld * 2);
-  s.total = s.pool_off + 2 * kPoolPartFloats * 4;  // two parities of K-pooling partials
+  s.total = s.pool_off + 2 * rep_pool_part_floats(256, D) * 4;  // two parities of K-pooling partials
   (void)threads;
   return s;
 }
@@ -84,6 +88,294 @@ __device__ __forceinline__ float fast_exp2(float x) {  // 2^x; -inf -> 0 (ex2.ap
   return y;
 }
 
+// Per-thread state of the representative rows of one thread: kSlots rows, slot s = row
+// row0 + 8 s + g of the warp's rows (g = lane / 4). m_ref: the row's reference (log2 units;
+// -inf until a key is seen); every sum is against 2^(m_ref or 0 while -inf). hs / ls: the
+// current block's H / L; l_run: the split's total; off_row: (P0 + row) mod bs, the last
+// in-block key offset counted in H.
+template <int kSlots>
+struct RepRows {
+  float m_ref[kSlots], hs[kSlots], ls[kSlots], l_run[kSlots];
+  int off_row[kSlots];
+
+  __device__ __forceinline__ void init(int first_pos, int g, int bs) {  // first_pos = P0 + row0
+#pragma unroll
+    for (int s = 0; s < kSlots; ++s) {
+      m_ref[s] = -INFINITY;
+      hs[s] = 0.f;
+      ls[s] = 0.f;
+      l_run[s] = 0.f;
+      off_row[s] = (first_pos + 8 * s + g) & (bs - 1);  // bs is a power of two
+    }
+  }
+};
+
+// Where one tile of keys lies for the epilogue.
+struct RepTile {
+  int kt;                // first key of the tile
+  int base;              // offset of the tile in its key block
+  bool first_in_block, last_in_block;
+};
+
+// The softmax sums of one 64-key tile from the scores of kM16 m16 row tiles of a warp:
+// acc[mt][n][2 hf + x] is row slot s = 2 mt + hf (row row0 + 8 s + g), key kt + 8 n + 2 t4 + x.
+// Updates the rows' references and sums; at the end of a key block stores the block's
+// records (M, H, L) of the warp's 8 kM16 x 2 rows at rec_rows (= rec + ((head NBk + c) 3) m + row0).
+template <int kM16>
+__device__ __forceinline__ void rep_tile_sums(float (&acc)[kM16][8][4], RepRows<2 * kM16>& st, const RepTile& tl,
+                                              int first_pos, float scale_log2, float* rec_rows, int m, int g,
+                                              int t4) {
+  constexpr int kSlots = 2 * kM16;
+  const int kt = tl.kt;
+  const bool need_mask = kt + kTileKeys - 1 > first_pos;  // some key past some row's position
+  if (need_mask) {
+#pragma unroll
+    for (int s = 0; s < kSlots; ++s) {
+      const int pos = first_pos + 8 * s + g;  // absolute position of the row
+#pragma unroll
+      for (int n = 0; n < 8; ++n)
+#pragma unroll
+        for (int x = 0; x < 2; ++x)
+          if (kt + 8 * n + 2 * t4 + x > pos) acc[s >> 1][n][2 * (s & 1) + x] = -INFINITY;
+    }
+  }
+  if (tl.first_in_block) {
+#pragma unroll
+    for (int s = 0; s < kSlots; ++s) st.hs[s] = st.ls[s] = 0.f;
+  }
+  // Keys 8 n + x of this thread (offsets base + 2 t4 + 8 n + x in the block) count in H
+  // iff 8 n + x <= lim; the tile is "mixed" for the warp when some thread-row has both.
+  int lim[kSlots];
+  bool mixed_own = false;
+#pragma unroll
+  for (int s = 0; s < kSlots; ++s) {
+    lim[s] = st.off_row[s] - tl.base - 2 * t4;
+    mixed_own |= lim[s] >= 0 && lim[s] < 57;
+  }
+  const bool mixed = __any_sync(0xffffffffu, mixed_own);
+
+  // Fast path: e = 2^(x - ref) against the row's reference from earlier tiles, no max.
+  // Taken when every sum stays finite and <= 2^64 and every row has a reference;
+  // otherwise (a split's first tile, a much larger logit) the exact path below.
+  float t_h[kSlots], t_l[kSlots];
+  if (mixed) {  // (branches outside the slot loop: the rows' chains interleave)
+#pragma unroll
+    for (int s = 0; s < kSlots; ++s) {
+      const float neg_ref = -(st.m_ref[s] == -INFINITY ? 0.f : st.m_ref[s]);
+      // Per key parity x the running sum t2[x] over n; the H keys of parity x are its first
+      // terms (8 n + x <= lim), so H is the running sum at the last of them (h2[x] keeps
+      // it: one select instead of a second sum). L = T - H: exact up to one rounding of T
+      // (H is a prefix of T's terms, so 0 <= H <= T also in floating point), which is
+      // negligible against the row's mass.
+      float h2[2] = {0.f, 0.f}, t2[2] = {0.f, 0.f};
+#pragma unroll
+      for (int n = 0; n < 8; ++n)
+#pragma unroll
+        for (int x = 0; x < 2; ++x) {
+          t2[x] += fast_exp2(fmaf(acc[s >> 1][n][2 * (s & 1) + x], scale_log2, neg_ref));
+          h2[x] = 8 * n + x <= lim[s] ? t2[x] : h2[x];
+        }
+      t_h[s] = h2[0] + h2[1];
+      t_l[s] = fmaxf((t2[0] + t2[1]) - t_h[s], 0.f);
+    }
+  } else {
+#pragma unroll
+    for (int s = 0; s < kSlots; ++s) {
+      const float neg_ref = -(st.m_ref[s] == -INFINITY ? 0.f : st.m_ref[s]);
+      float t4s[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+      for (int n = 0; n < 8; ++n)
+#pragma unroll
+        for (int x = 0; x < 2; ++x)
+          t4s[2 * (n & 1) + x] += fast_exp2(fmaf(acc[s >> 1][n][2 * (s & 1) + x], scale_log2, neg_ref));
+      const float t = (t4s[0] + t4s[1]) + (t4s[2] + t4s[3]);
+      t_h[s] = lim[s] >= 0 ? t : 0.f;
+      t_l[s] = lim[s] >= 0 ? 0.f : t;
+    }
+  }
+  bool bad = false;
+#pragma unroll
+  for (int s = 0; s < kSlots; ++s)  // 2^64; NaN fails too
+    bad |= !(t_h[s] + t_l[s] <= 1.8446744e19f) || st.m_ref[s] == -INFINITY;
+  if (!__any_sync(0xffffffffu, bad)) {
+#pragma unroll
+    for (int s = 0; s < kSlots; ++s) {
+      st.hs[s] += t_h[s];
+      st.ls[s] += t_l[s];
+      st.l_run[s] += t_h[s] + t_l[s];
+    }
+  } else {  // exact path: the tile's row max becomes the reference (rare, warp-uniform)
+#pragma unroll
+    for (int s = 0; s < kSlots; ++s) {
+      float tmax = -INFINITY;
+#pragma unroll
+      for (int n = 0; n < 8; ++n)
+#pragma unroll
+        for (int x = 0; x < 2; ++x) tmax = fmaxf(tmax, acc[s >> 1][n][2 * (s & 1) + x]);
+      tmax = fmaxf(tmax, __shfl_xor_sync(0xffffffffu, tmax, 1));
+      tmax = fmaxf(tmax, __shfl_xor_sync(0xffffffffu, tmax, 2));
+      const float m_new = fmaxf(st.m_ref[s], tmax * scale_log2);
+      const float use = m_new == -INFINITY ? 0.f : m_new;
+      if (st.m_ref[s] != -INFINITY) {  // earlier sums were against m_ref (else they are 0)
+        const float alpha = fast_exp2(st.m_ref[s] - use);
+        st.hs[s] *= alpha;
+        st.ls[s] *= alpha;
+        st.l_run[s] *= alpha;
+      }
+      st.m_ref[s] = m_new;
+      float sh = 0.f, sl = 0.f;
+#pragma unroll
+      for (int n = 0; n < 8; ++n)
+#pragma unroll
+        for (int x = 0; x < 2; ++x) {
+          const float e = fast_exp2(fmaf(acc[s >> 1][n][2 * (s & 1) + x], scale_log2, -use));
+          const bool in_h = 8 * n + x <= lim[s];
+          sh += in_h ? e : 0.f;
+          sl += in_h ? 0.f : e;
+        }
+      st.hs[s] += sh;
+      st.ls[s] += sl;
+      st.l_run[s] += sh + sl;
+    }
+  }
+
+  if (tl.last_in_block) {  // reduce over the quad and store the block's records
+#pragma unroll
+    for (int s = 0; s < kSlots; ++s) {
+      st.hs[s] += __shfl_xor_sync(0xffffffffu, st.hs[s], 1);
+      st.hs[s] += __shfl_xor_sync(0xffffffffu, st.hs[s], 2);
+      st.ls[s] += __shfl_xor_sync(0xffffffffu, st.ls[s], 1);
+      st.ls[s] += __shfl_xor_sync(0xffffffffu, st.ls[s], 2);
+    }
+    // Lane t4 < kSlots stores slot t4 (row row0 + 8 t4 + g): 8 kSlots consecutive rows per field.
+    float mv = 0.f, hv = 0.f, lv = 0.f;
+#pragma unroll
+    for (int s = 0; s < kSlots; ++s)
+      if (t4 == s) {
+        mv = st.m_ref[s] == -INFINITY ? 0.f : st.m_ref[s];
+        hv = st.hs[s];
+        lv = st.ls[s];
+      }
+    if (t4 < kSlots) {
+      float* r = rec_rows + 8 * t4 + g;
+      r[0] = mv;
+      r[m] = hv;
+      r[2 * m] = lv;
+    }
+  }
+}
+
+// The split's row totals (reference, sum), for the row LSE (finish kernel), at
+// part_rows = part + (head splits + split) m + row0.
+template <int kSlots>
+__device__ __forceinline__ void rep_store_split(RepRows<kSlots>& st, float* part_ref_rows, float* part_sum_rows,
+                                                int g, int t4) {
+#pragma unroll
+  for (int s = 0; s < kSlots; ++s) {
+    st.l_run[s] += __shfl_xor_sync(0xffffffffu, st.l_run[s], 1);
+    st.l_run[s] += __shfl_xor_sync(0xffffffffu, st.l_run[s], 2);
+  }
+  float rv = 0.f, lv = 0.f;
+#pragma unroll
+  for (int s = 0; s < kSlots; ++s)
+    if (t4 == s) {
+      rv = st.m_ref[s] == -INFINITY ? 0.f : st.m_ref[s];
+      lv = st.l_run[s];
+    }
+  if (t4 < kSlots) {
+    part_ref_rows[8 * t4 + g] = rv;
+    part_sum_rows[8 * t4 + g] = lv;
+  }
+}
+
+// pool(K) of the K tiles in shared memory: the group / hpc CTAs of a kv head (same split)
+// pool a share of the column pairs each (all pairs in the first when the shares would not
+// be equal). Thread -> key phase kph (keys kph, kph + nph, ...) and one column pair (two
+// when the CTA has fewer threads than pairs: D = 256 with 64 rows). Partials per parity of
+// the key block: [2][kPartFloats] (kMaxThreads: the kernel's largest CTA).
+template <bool kBf16, int kD, int kMaxThreads, int kMinThreads>
+struct RepKPool {
+  static constexpr int kPartFloats = rep_pool_part_floats(kMaxThreads, kD);
+  static constexpr int kPairs = kMinThreads < kD / 2 ? 2 : 1;  // column pairs a thread may own
+  bool pools;  // this CTA pools a share of the columns
+  int npl, pair_begin, nph, kph, pr0, nthreads;
+  bool pair_ok[kPairs];
+  float2 acc[kPairs];
+
+  __device__ __forceinline__ void init(int tid, int threads, int group, int hpc, int h_first) {
+    constexpr int npairs = kD / 2;
+    const int kv_ctas = group / hpc, kv_cta = (h_first % group) / hpc;
+    const bool share = npairs % kv_ctas == 0;
+    pools = share || kv_cta == 0;
+    npl = share ? npairs / kv_ctas : npairs;
+    pair_begin = share ? kv_cta * npl : 0;
+    nthreads = threads;
+    nph = threads >= npl ? threads / npl : 1;
+    kph = tid / npl;
+    pr0 = tid % npl;
+    pair_ok[0] = kph < nph;
+    if constexpr (kPairs == 2) pair_ok[1] = threads < npl && pr0 + threads < npl;
+#pragma unroll
+    for (int j = 0; j < kPairs; ++j) acc[j] = make_float2(0.f, 0.f);
+  }
+  // Column sums of one tile; word(r, pr) -> the packed pair pr (global column pair) of key r.
+  template <typename Word>
+  __device__ __forceinline__ void add_tile(Word word) {
+#pragma unroll
+    for (int j = 0; j < kPairs; ++j) {
+      if (!pair_ok[j]) continue;
+      const int pr = pair_begin + pr0 + j * nthreads;
+      for (int r = kph; r < kTileKeys; r += nph) {
+        const float2 v = unpack2<kBf16>(word(r, pr));
+        acc[j].x += v.x;
+        acc[j].y += v.y;
+      }
+    }
+  }
+  // The same when the pair's word of key r lies at addr(pr) + r * row_bytes (the thread's
+  // keys kph + i nph): one address increment per key.
+  template <typename Addr>
+  __device__ __forceinline__ void add_tile_linear(Addr addr, int row_bytes) {
+#pragma unroll
+    for (int j = 0; j < kPairs; ++j) {
+      if (!pair_ok[j]) continue;
+      const unsigned char* a = addr(pair_begin + pr0 + j * nthreads) + kph * row_bytes;
+      const int step = nph * row_bytes;
+#pragma unroll 4
+      for (int r = kph; r < kTileKeys; r += nph, a += step) {
+        const float2 v = unpack2<kBf16>(*reinterpret_cast<const uint32_t*>(a));
+        acc[j].x += v.x;
+        acc[j].y += v.y;
+      }
+    }
+  }
+  // At the end of key block c: the thread's partials to shared memory.
+  __device__ __forceinline__ void stash(float* pool_part, int c) {
+    float* part = pool_part + (c & 1) * kPartFloats;
+#pragma unroll
+    for (int j = 0; j < kPairs; ++j) {
+      if (!pair_ok[j]) continue;
+      const int pr = pr0 + j * nthreads;
+      part[(kph * npl + pr) * 2] = acc[j].x;
+      part[(kph * npl + pr) * 2 + 1] = acc[j].y;
+      acc[j] = make_float2(0.f, 0.f);
+    }
+  }
+  // pool(K)[blk] from the partials of parity blk & 1 (after a barrier).
+  __device__ __forceinline__ void flush(const float* pool_part, const RepParams& p, int b, int hk, int blk,
+                                        int tid) const {
+    const float* part = pool_part + (blk & 1) * kPartFloats;
+    const int count = min(p.block_size, p.seqlen_k - blk * p.block_size);
+    for (int dl = tid; dl < 2 * npl; dl += nthreads) {
+      float s = 0.f;
+      for (int ph = 0; ph < nph; ++ph) s += part[(ph * npl + (dl >> 1)) * 2 + (dl & 1)];
+      p.pool_k[((static_cast<int64_t>(b) * p.heads_kv + hk) * p.num_k_blocks + blk) * kD + 2 * pair_begin + dl] =
+          s / static_cast<float>(count);
+    }
+  }
+};
+
+// The portable (sm80+) kernel: mma.sync, Q̂ fragments by ldmatrix at every k-step.
 template <bool kBf16, int kD>
 __global__ void __launch_bounds__(256, rep_ctas_per_sm(kD)) rep_kernel(const RepParams p) {
   using Element = std::conditional_t<kBf16, __nv_bfloat16, __half>;
@@ -101,12 +393,6 @@ __global__ void __launch_bounds__(256, rep_ctas_per_sm(kD)) rep_kernel(const Rep
   const int h_first = blockIdx.x * hpc;                    // first query head of the CTA
   const int h = h_first + warp / warps_per_head;           // this warp's query head
   const int hk = h_first / group;                          // hpc divides the group size
-  // pool(K): the group / hpc CTAs of a kv head (same split) pool a share of the column
-  // pairs each (all pairs in the first when the shares would not be equal).
-  const int npairs = kD / 2, kv_ctas = group / hpc, kv_cta = (h_first % group) / hpc;
-  const bool share = npairs % kv_ctas == 0;
-  const bool pools_k = share || kv_cta == 0;
-  const int npl = share ? npairs / kv_ctas : npairs, pair_begin = share ? kv_cta * npl : 0;
   const int ks = split * p.split_keys;
   const int ke = min(ks + p.split_keys, p.seqlen_k);
   const int ntile = (ke - ks + kTileKeys - 1) / kTileKeys;
@@ -114,7 +400,7 @@ __global__ void __launch_bounds__(256, rep_ctas_per_sm(kD)) rep_kernel(const Rep
   const RepSmem L = rep_smem_layout(kD, m, hpc);
   uint16_t* Qs = reinterpret_cast<uint16_t*>(smem + L.q_off);
   uint16_t* Ks = reinterpret_cast<uint16_t*>(smem + L.k_off);
-  float* pool_part = reinterpret_cast<float*>(smem + L.pool_off);  // [2][kPoolPartFloats]
+  float* pool_part = reinterpret_cast<float*>(smem + L.pool_off);  // [2][kPartFloats]
 
   const uint16_t* qg = p.q + b * p.q_batch_stride + h_first * p.q_head_stride +
                        static_cast<int64_t>(p.seqlen_q - m) * p.q_row_stride;
@@ -142,44 +428,16 @@ __global__ void __launch_bounds__(256, rep_ctas_per_sm(kD)) rep_kernel(const Rep
 
   const int64_t head = static_cast<int64_t>(b) * p.heads_q + h;
   const int row0 = (warp % warps_per_head) * kRowsPerWarp;  // first representative row of this warp
-  // Row slot s = 2 * mt + hf holds row row0 + 8 * s + g (mt: m16 tile, hf: upper half).
-  // m_ref: the row's reference (log2 units; -inf until a key is seen); every sum is
-  // against 2^(m_ref or 0 while -inf). hs / ls: the current block's H / L; l_run: the split's total.
-  float m_ref[4], hs[4], ls[4], l_run[4];
-  int off_row[4];  // (P0 + row) mod bs: the last in-block key offset counted in H
-#pragma unroll
-  for (int s = 0; s < 4; ++s) {
-    m_ref[s] = -INFINITY;
-    hs[s] = 0.f;
-    ls[s] = 0.f;
-    l_run[s] = 0.f;
-    off_row[s] = (P0 + row0 + 8 * s + g) & (bs - 1);  // bs is a power of two
-  }
+  RepRows<4> st;
+  st.init(P0 + row0, g, bs);
 
   // Per-lane ldmatrix addresses: A rows (lane & 15), k-half lane >> 4; B keys
   // (lane & 7) + 8 * (lane >> 4), k-half (lane >> 3) & 1.
   const uint32_t q_addr = smem_u32(Qs + (warp * kRowsPerWarp + (lane & 15)) * ld + (lane >> 4) * 8);
   const int b_row = (lane & 7) + ((lane >> 4) << 3), b_col = ((lane >> 3) & 1) * 8;
 
-  // K pooling (pools_k CTAs, pairs [pair_begin, pair_begin + npl)): thread -> key phase kph
-  // (keys kph, kph + nph, ...) and one column pair (two when the CTA has fewer threads than
-  // pairs: D = 256 with 64 rows).
-  const int nph = nthreads >= npl ? nthreads / npl : 1;
-  const int kph = tid / npl, pr0 = tid % npl;
-  bool pair_ok[2];
-  pair_ok[0] = kph < nph;
-  pair_ok[1] = nthreads < npl && pr0 + nthreads < npl;
-  float2 pool_acc[2] = {make_float2(0.f, 0.f), make_float2(0.f, 0.f)};
-  auto flush_pool = [&](int blk) {  // pool(K)[blk] from the partials of parity blk & 1
-    const float* part = pool_part + (blk & 1) * kPoolPartFloats;
-    const int count = min(bs, p.seqlen_k - blk * bs);
-    for (int dl = tid; dl < 2 * npl; dl += nthreads) {
-      float s = 0.f;
-      for (int ph = 0; ph < nph; ++ph) s += part[(ph * npl + (dl >> 1)) * 2 + (dl & 1)];
-      p.pool_k[((static_cast<int64_t>(b) * p.heads_kv + hk) * p.num_k_blocks + blk) * kD + 2 * pair_begin + dl] =
-          s / static_cast<float>(count);
-    }
-  };
+  RepKPool<kBf16, kD, 256, 32> pool;
+  pool.init(tid, nthreads, group, hpc, h_first);
 
   cp_async_wait<kStages - 2>();  // Q̂ and tile 0 have landed (for this thread)
   __syncthreads();
@@ -205,39 +463,32 @@ __global__ void __launch_bounds__(256, rep_ctas_per_sm(kD)) rep_kernel(const Rep
       cp_async_commit();
     }
     const int buf = tile % kStages;
-    const int kt = ks + tile * kTileKeys;
-    const int c = kt >> bs_shift, base = kt & (bs - 1);  // key block of the tile, offset of the tile in it
-    const bool first_in_block = base == 0;
-    const bool last_in_block = base + kTileKeys == bs || tile == ntile - 1;
+    RepTile tl;
+    tl.kt = ks + tile * kTileKeys;
+    const int c = tl.kt >> bs_shift;  // key block of the tile
+    tl.base = tl.kt & (bs - 1);       // offset of the tile in it
+    tl.first_in_block = tl.base == 0;
+    tl.last_in_block = tl.base + kTileKeys == bs || tile == ntile - 1;
     const uint16_t* Kt = Ks + buf * kTileKeys * ld;
 
-    if (pools_k) {  // column sums of the block, per thread column pair and key phase
-#pragma unroll
-      for (int j = 0; j < 2; ++j) {
-        if (!pair_ok[j]) continue;
-        const int pr = pair_begin + pr0 + j * nthreads;
-        for (int r = kph; r < kTileKeys; r += nph) {
-          const float2 v = unpack2<kBf16>(*reinterpret_cast<const uint32_t*>(Kt + r * ld + 2 * pr));
-          pool_acc[j].x += v.x;
-          pool_acc[j].y += v.y;
-        }
-      }
+    if (pool.pools) {  // column sums of the block, per thread column pair and key phase
+      pool.add_tile([&](int r, int pr) { return *reinterpret_cast<const uint32_t*>(Kt + r * ld + 2 * pr); });
       // The previous block's partials were written before this tile's barrier.
-      if (first_in_block && c > ks / bs) flush_pool(c - 1);
+      if (tl.first_in_block && c > ks / bs) pool.flush(pool_part, p, b, hk, c - 1, tid);
     }
 
     const uint32_t k_addr = smem_u32(Kt + b_row * ld + b_col);
     float acc[2][8][4];
 #pragma unroll
-    for (int st = 0; st < kSteps; ++st) {
+    for (int st_ = 0; st_ < kSteps; ++st_) {
       uint32_t a0[4], a1[4];
-      ldmatrix_x4(a0, q_addr + st * 32);
-      ldmatrix_x4(a1, q_addr + (16 * ld + st * 16) * 2);
+      ldmatrix_x4(a0, q_addr + st_ * 32);
+      ldmatrix_x4(a1, q_addr + (16 * ld + st_ * 16) * 2);
 #pragma unroll
       for (int np = 0; np < 4; ++np) {
         uint32_t bb[4];
-        ldmatrix_x4(bb, k_addr + (np * 16 * ld + st * 16) * 2);
-        if (st == 0) {
+        ldmatrix_x4(bb, k_addr + (np * 16 * ld + st_ * 16) * 2);
+        if (st_ == 0) {
           mma_16816_zero<Element>(acc[0][2 * np], a0, bb[0], bb[1]);
           mma_16816_zero<Element>(acc[0][2 * np + 1], a0, bb[2], bb[3]);
           mma_16816_zero<Element>(acc[1][2 * np], a1, bb[0], bb[1]);
@@ -250,174 +501,18 @@ __global__ void __launch_bounds__(256, rep_ctas_per_sm(kD)) rep_kernel(const Rep
         }
       }
     }
-
-    // acc[mt][n][2 * hf + x]: row row0 + 16 mt + 8 hf + g, key kt + 8 n + 2 t4 + x.
-    const bool need_mask = kt + kTileKeys - 1 > P0 + row0;  // some key past some row's position
-    if (need_mask) {
-#pragma unroll
-      for (int s = 0; s < 4; ++s) {
-        const int pos = P0 + row0 + 8 * s + g;  // absolute position of the row
-#pragma unroll
-        for (int n = 0; n < 8; ++n)
-#pragma unroll
-          for (int x = 0; x < 2; ++x)
-            if (kt + 8 * n + 2 * t4 + x > pos) acc[s >> 1][n][2 * (s & 1) + x] = -INFINITY;
-      }
-    }
-    if (first_in_block) {
-#pragma unroll
-      for (int s = 0; s < 4; ++s) hs[s] = ls[s] = 0.f;
-    }
-    // Keys 8 n + x of this thread (offsets base + 2 t4 + 8 n + x in the block) count in H
-    // iff 8 n + x <= lim; the tile is "mixed" for the warp when some thread-row has both.
-    int lim[4];
-    bool mixed_own = false;
-#pragma unroll
-    for (int s = 0; s < 4; ++s) {
-      lim[s] = off_row[s] - base - 2 * t4;
-      mixed_own |= lim[s] >= 0 && lim[s] < 57;
-    }
-    const bool mixed = __any_sync(0xffffffffu, mixed_own);
-
-    // Fast path: e = 2^(x - ref) against the row's reference from earlier tiles, no max.
-    // Taken when every sum stays finite and <= 2^64 and every row has a reference;
-    // otherwise (a split's first tile, a much larger logit) the exact path below.
-    float t_h[4], t_l[4];
-    if (mixed) {  // (branches outside the slot loop: the four rows' chains interleave)
-#pragma unroll
-      for (int s = 0; s < 4; ++s) {
-        const float neg_ref = -(m_ref[s] == -INFINITY ? 0.f : m_ref[s]);
-        // L = T - H: exact up to one rounding of T (H is a sub-sum of T's terms, so
-        // 0 <= H <= T also in floating point), which is negligible against the row's mass.
-        float h2[2] = {0.f, 0.f}, t2[2] = {0.f, 0.f};
-#pragma unroll
-        for (int n = 0; n < 8; ++n)
-#pragma unroll
-          for (int x = 0; x < 2; ++x) {
-            const float e = fast_exp2(fmaf(acc[s >> 1][n][2 * (s & 1) + x], p.scale_log2, neg_ref));
-            h2[x] += 8 * n + x <= lim[s] ? e : 0.f;
-            t2[x] += e;
-          }
-        t_h[s] = h2[0] + h2[1];
-        t_l[s] = fmaxf((t2[0] + t2[1]) - t_h[s], 0.f);
-      }
-    } else {
-#pragma unroll
-      for (int s = 0; s < 4; ++s) {
-        const float neg_ref = -(m_ref[s] == -INFINITY ? 0.f : m_ref[s]);
-        float t4s[4] = {0.f, 0.f, 0.f, 0.f};
-#pragma unroll
-        for (int n = 0; n < 8; ++n)
-#pragma unroll
-          for (int x = 0; x < 2; ++x)
-            t4s[2 * (n & 1) + x] += fast_exp2(fmaf(acc[s >> 1][n][2 * (s & 1) + x], p.scale_log2, neg_ref));
-        const float t = (t4s[0] + t4s[1]) + (t4s[2] + t4s[3]);
-        t_h[s] = lim[s] >= 0 ? t : 0.f;
-        t_l[s] = lim[s] >= 0 ? 0.f : t;
-      }
-    }
-    bool bad = false;
-#pragma unroll
-    for (int s = 0; s < 4; ++s)  // 2^64; NaN fails too
-      bad |= !(t_h[s] + t_l[s] <= 1.8446744e19f) || m_ref[s] == -INFINITY;
-    if (!__any_sync(0xffffffffu, bad)) {
-#pragma unroll
-      for (int s = 0; s < 4; ++s) {
-        hs[s] += t_h[s];
-        ls[s] += t_l[s];
-        l_run[s] += t_h[s] + t_l[s];
-      }
-    } else {  // exact path: the tile's row max becomes the reference (rare, warp-uniform)
-#pragma unroll
-      for (int s = 0; s < 4; ++s) {
-        float tmax = -INFINITY;
-#pragma unroll
-        for (int n = 0; n < 8; ++n)
-#pragma unroll
-          for (int x = 0; x < 2; ++x) tmax = fmaxf(tmax, acc[s >> 1][n][2 * (s & 1) + x]);
-        tmax = fmaxf(tmax, __shfl_xor_sync(0xffffffffu, tmax, 1));
-        tmax = fmaxf(tmax, __shfl_xor_sync(0xffffffffu, tmax, 2));
-        const float m_new = fmaxf(m_ref[s], tmax * p.scale_log2);
-        const float use = m_new == -INFINITY ? 0.f : m_new;
-        if (m_ref[s] != -INFINITY) {  // earlier sums were against m_ref (else they are 0)
-          const float alpha = fast_exp2(m_ref[s] - use);
-          hs[s] *= alpha;
-          ls[s] *= alpha;
-          l_run[s] *= alpha;
-        }
-        m_ref[s] = m_new;
-        float sh = 0.f, sl = 0.f;
-#pragma unroll
-        for (int n = 0; n < 8; ++n)
-#pragma unroll
-          for (int x = 0; x < 2; ++x) {
-            const float e = fast_exp2(fmaf(acc[s >> 1][n][2 * (s & 1) + x], p.scale_log2, -use));
-            const bool in_h = 8 * n + x <= lim[s];
-            sh += in_h ? e : 0.f;
-            sl += in_h ? 0.f : e;
-          }
-        hs[s] += sh;
-        ls[s] += sl;
-        l_run[s] += sh + sl;
-      }
-    }
-
-    if (last_in_block) {  // reduce over the quad and store the block's records
-#pragma unroll
-      for (int s = 0; s < 4; ++s) {
-        hs[s] += __shfl_xor_sync(0xffffffffu, hs[s], 1);
-        hs[s] += __shfl_xor_sync(0xffffffffu, hs[s], 2);
-        ls[s] += __shfl_xor_sync(0xffffffffu, ls[s], 1);
-        ls[s] += __shfl_xor_sync(0xffffffffu, ls[s], 2);
-      }
-      // Lane t4 stores slot t4 (row row0 + 8 t4 + g): 32 consecutive rows per field.
-      float mv = 0.f, hv = 0.f, lv = 0.f;
-#pragma unroll
-      for (int s = 0; s < 4; ++s)
-        if (t4 == s) {
-          mv = m_ref[s] == -INFINITY ? 0.f : m_ref[s];
-          hv = hs[s];
-          lv = ls[s];
-        }
-      float* r = p.rec + ((head * p.num_k_blocks + c) * 3) * m + row0 + 8 * t4 + g;
-      r[0] = mv;
-      r[m] = hv;
-      r[2 * m] = lv;
-    }
-    if (pools_k && last_in_block) {
-      float* part = pool_part + (c & 1) * kPoolPartFloats;
-#pragma unroll
-      for (int j = 0; j < 2; ++j) {
-        if (!pair_ok[j]) continue;
-        const int pr = pr0 + j * nthreads;
-        part[(kph * npl + pr) * 2] = pool_acc[j].x;
-        part[(kph * npl + pr) * 2 + 1] = pool_acc[j].y;
-        pool_acc[j] = make_float2(0.f, 0.f);
-      }
-    }
-  }
-  // The split's row totals, for the row LSE (finish kernel).
-#pragma unroll
-  for (int s = 0; s < 4; ++s) {
-    l_run[s] += __shfl_xor_sync(0xffffffffu, l_run[s], 1);
-    l_run[s] += __shfl_xor_sync(0xffffffffu, l_run[s], 2);
+    rep_tile_sums<2>(acc, st, tl, P0 + row0, p.scale_log2, p.rec + ((head * p.num_k_blocks + c) * 3) * m + row0, m,
+                     g, t4);
+    if (pool.pools && tl.last_in_block) pool.stash(pool_part, c);
   }
   {
-    float rv = 0.f, lv = 0.f;
-#pragma unroll
-    for (int s = 0; s < 4; ++s)
-      if (t4 == s) {
-        rv = m_ref[s] == -INFINITY ? 0.f : m_ref[s];
-        lv = l_run[s];
-      }
-    const int64_t o = (head * p.num_splits + split) * m + row0 + 8 * t4 + g;
-    p.part_ref[o] = rv;
-    p.part_sum[o] = lv;
+    const int64_t o = (head * p.num_splits + split) * m + row0;
+    rep_store_split(st, p.part_ref + o, p.part_sum + o, g, t4);
   }
   cp_async_wait<0>();
-  if (pools_k && ntile > 0) {  // the split's last block
+  if (pool.pools && ntile > 0) {  // the split's last block
     __syncthreads();
-    flush_pool((ks + (ntile - 1) * kTileKeys) / bs);
+    pool.flush(pool_part, p, b, hk, (ks + (ntile - 1) * kTileKeys) / bs, tid);
   }
 }
 
@@ -429,33 +524,50 @@ inline int rep_heads_per_cta(int D, int m, int group, int max_smem) {
   return best;
 }
 
+// Raises `kernel`'s dynamic shared-memory limit to the device's opt-in maximum once per
+// device (`raised`, bit d: done on device d < 64; the same value from every thread), not on
+// every call.
+inline cudaError_t raise_smem_limit_once(const void* kernel, std::atomic<uint64_t>& raised) {
+  int dev = 0;
+  cudaError_t err = cudaGetDevice(&dev);
+  if (err != cudaSuccess) return err;
+  if (dev < 64 && ((raised.load(std::memory_order_acquire) >> dev) & 1u)) return cudaSuccess;
+  int optin = 0;
+  err = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
+  if (err != cudaSuccess) return err;
+  err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, optin);
+  if (err != cudaSuccess) return err;
+  if (dev < 64) raised.fetch_or(uint64_t(1) << dev, std::memory_order_acq_rel);
+  return cudaSuccess;
+}
+
 // Host launcher (one kernel launch; the caller checks it). p.heads_per_cta must come from
-// rep_heads_per_cta.
+// rep_config.
 template <bool kBf16, int kD>
 cudaError_t launch_rep(const RepParams& p, int batch, cudaStream_t stream) {
   const RepSmem L = rep_smem_layout(kD, p.rows, p.heads_per_cta);
   auto kernel = rep_kernel<kBf16, kD>;
-  // The shared-memory limit is raised to the device's opt-in maximum once per device (the
-  // same value from every thread), not on every call.
-  static std::atomic<uint64_t> raised{0};  // bit d: done on device d (d < 64)
-  int dev = 0;
-  cudaError_t err = cudaGetDevice(&dev);
+  static std::atomic<uint64_t> raised{0};
+  cudaError_t err = raise_smem_limit_once(reinterpret_cast<const void*>(kernel), raised);
   if (err != cudaSuccess) return err;
-  if (dev >= 64 || !((raised.load(std::memory_order_acquire) >> dev) & 1u)) {
-    int optin = 0;
-    err = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
-    if (err != cudaSuccess) return err;
-    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, optin);
-    if (err != cudaSuccess) return err;
-    if (dev < 64) raised.fetch_or(uint64_t(1) << dev, std::memory_order_acq_rel);
-  }
   dim3 grid(p.heads_q / p.heads_per_cta, p.num_splits, batch);
   kernel<<<grid, p.rows * p.heads_per_cta, L.total, stream>>>(p);
   return cudaGetLastError();
 }
 
-// Dispatch on dtype and head dim (rep_attention.cu); cudaErrorInvalidValue for a head dim
-// without an instantiation (the op's checks refuse those first).
+// Which rep kernel runs on a device, and its launch shape: the wgmma kernel
+// (rep_attention_sm90.cuh) on sm_90 when the build has sm_90a code (FLEXPREFILL_SM90A), the
+// head dim is a multiple of 64 and m of 64; else the portable mma.sync kernel.
+struct RepConfig {
+  int sm90 = 0;  // RepParams::sm90
+  int heads_per_cta = 1;
+  int threads = 0;
+  int ctas_per_sm = 1;  // resident CTAs per SM (the plan's split rule)
+};
+RepConfig rep_config(const cudaDeviceProp& prop, int head_dim, int m, int group);
+
+// Dispatch on p.sm90, dtype and head dim (rep_attention.cu); cudaErrorInvalidValue for a
+// head dim without an instantiation (the op's checks refuse those first).
 cudaError_t launch_rep_any(const RepParams& p, int batch, bool is_bf16, int head_dim, cudaStream_t stream);
 
 }  // namespace selection

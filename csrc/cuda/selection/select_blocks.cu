@@ -7,6 +7,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <tuple>
 
@@ -27,6 +28,19 @@ using selection::SelectPlan;
 bool rows_16b_aligned(const at::Tensor& t) {
   return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0 && t.stride(0) % 8 == 0 && t.stride(1) % 8 == 0 &&
          t.stride(2) % 8 == 0;
+}
+
+// The rep kernel and its launch shape on the current device (m representative rows).
+selection::RepConfig rep_config_of(const SelectParams& p, int64_t m) {
+  return selection::rep_config(*at::cuda::getCurrentDeviceProperties(), static_cast<int>(p.head_dim),
+                               static_cast<int>(m), static_cast<int>(p.heads_q / p.heads_kv));
+}
+
+// The plan of a call on the current device.
+SelectPlan plan_of(const SelectParams& p, double gamma, double tau) {
+  const selection::RepConfig rc = rep_config_of(p, std::min(p.block_size, p.seqlen_q));
+  const int num_sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  return selection::make_select_plan(p, gamma, tau, num_sms * rc.ctas_per_sm, rc.heads_per_cta);
 }
 
 selection::RepParams rep_params(const SelectParams& p, const SelectPlan& plan, const SelectBuffers& w) {
@@ -50,9 +64,9 @@ selection::RepParams rep_params(const SelectParams& p, const SelectPlan& plan, c
   r.part_sum = w.part_sum;
   r.pool_k = w.pool_k;
   r.qhat_mean = w.qhat_mean;
-  const int max_smem = static_cast<int>(at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin);
-  r.heads_per_cta = selection::rep_heads_per_cta(static_cast<int>(p.head_dim), r.rows,
-                                                 static_cast<int>(p.heads_q / p.heads_kv), max_smem);
+  const selection::RepConfig rc = rep_config_of(p, r.rows);
+  r.heads_per_cta = rc.heads_per_cta;
+  r.sm90 = rc.sm90;
   return r;
 }
 
@@ -135,8 +149,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> select_blocks_cuda(const at::Tens
   const auto [qk, kk] = kernel_inputs(q, k);
   p = make_select_params(qk, kk, at::Tensor(), at::Tensor(), at::Tensor(), gamma, tau, min_budget, max_budget,
                          block_size, scale);  // the outputs are set by allocate_outputs
-  const int num_sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  const SelectPlan plan = selection::make_select_plan(p, gamma, tau, num_sms);
+  const SelectPlan plan = plan_of(p, gamma, tau);
 
   if (plan.dense) {  // step 7: short inputs attend every causal block
     allocate_outputs();
@@ -224,12 +237,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> selection_scores_cuda
                                       block_size, scale);
   p.min_budget_tokens = 0;
   p.min_blocks = 0;
-  const int num_sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  SelectPlan plan = selection::make_select_plan(p, 0.5, tau, num_sms);
+  SelectPlan plan = plan_of(p, 0.5, tau);
   if (plan.dense) {  // the plan of a sparse call, whatever the length
     SelectParams p2 = p;
     p2.seqlen_q = 1 << 30;  // only to defeat the dense threshold in the plan
-    plan = selection::make_select_plan(p2, 0.5, tau, num_sms);
+    plan = plan_of(p2, 0.5, tau);
     plan.rows = block_size;
     plan.n_allowed = 0;
   }

@@ -108,7 +108,10 @@ inline int64_t last_causal_block(int64_t r, int64_t Nq, int64_t Nk, int64_t bs) 
   return (off + std::min(r * bs + bs, Nq) - 1) / bs;
 }
 
-inline SelectPlan make_select_plan(const SelectParams& p, double gamma, double tau, int num_sms) {
+// rep_slots: CTAs of the rep kernel resident on the GPU at once; rep_heads_per_cta: query
+// heads per CTA of it (both from rep_config).
+inline SelectPlan make_select_plan(const SelectParams& p, double gamma, double tau, int rep_slots,
+                                   int rep_heads_per_cta) {
   SelectPlan plan;
   const int64_t bs = p.block_size, Nq = p.seqlen_q, Nk = p.seqlen_k;
   const int64_t NBq = p.num_q_blocks, NBk = p.num_k_blocks;
@@ -123,12 +126,11 @@ inline SelectPlan make_select_plan(const SelectParams& p, double gamma, double t
   plan.rows = std::min(bs, Nq);
   int64_t split = kSplitKeysMax;
   auto cdiv = [](int64_t a, int64_t b) { return (a + b - 1) / b; };
-  // CTAs of the rep kernel (rep_ctas_per_sm per SM): about BH / min(group, 256 / m) per
-  // split (heads of a GQA group share a CTA); shorter splits until they fill 90% of the GPU
-  // once (every CTA first loads Q̂: longer splits amortise it).
-  const int64_t group = p.heads_q / p.heads_kv;
-  const int64_t per_cta = std::max<int64_t>(1, std::min<int64_t>(group, 256 / std::min(bs, Nq)));
-  const int64_t slots = static_cast<int64_t>(num_sms) * rep_ctas_per_sm(static_cast<int>(p.head_dim));
+  // CTAs of the rep kernel: BH / rep_heads_per_cta per split (heads of a GQA group share a
+  // CTA); shorter splits until they fill 90% of the resident slots once (every CTA first
+  // loads Q̂: longer splits amortise it).
+  const int64_t per_cta = std::max(1, rep_heads_per_cta);
+  const int64_t slots = rep_slots;
   while (split > kSplitKeysMin && 10 * (BH / per_cta) * cdiv(Nk, split) < 9 * slots) split /= 2;
   plan.split_keys = split;
   plan.num_splits = cdiv(Nk, split);

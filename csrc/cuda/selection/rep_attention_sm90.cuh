@@ -1,0 +1,260 @@
+// The rep pass (rep_attention.cuh: same RepParams, records and outputs) on Hopper's warpgroup
+// MMA (sm_90a), for head dims that are multiples of 64 and m a multiple of 64.
+//
+// One CTA = heads_per_cta query heads of one GQA group x one split of split_keys keys, as the
+// portable kernel, but 2 m threads per head: every warp owns 16 representative rows, a
+// warpgroup 64. Per 64-key tile a warpgroup issues D / 16 asynchronous m64n64k16 wgmma
+// reading the K tile straight from shared memory (128-byte swizzle, cp.async ring of
+// rep_sm90_stages(D) tiles shared by the CTA's heads), A = Q̂ from registers (D <= 128:
+// loaded once) or from shared memory (D = 256, where the fragments would not fit in 128
+// registers). Against the mma.sync kernel this removes the per-warp ldmatrix traffic of
+// every tile (the K tile is read once per warpgroup, Q̂ never again) and the MMA issue
+// slots; the softmax sums, records and pooling are the shared code of rep_attention.cuh.
+#pragma once
+
+#include "cuda/ptx_sm90.cuh"
+#include "cuda/selection/rep_attention.cuh"
+
+namespace flexprefill {
+namespace selection {
+
+// Two shapes (kM16 m16 row tiles per warp): kM16 = 2 (D <= 128): 32 rows a warp, a
+// warpgroup two m64 tiles (128 rows, A from shared memory), <= 256 threads, two CTAs per SM;
+// kM16 = 1 (D = 256, or m = 64): 16 rows a warp, <= 512 threads, one CTA per SM (A from
+// registers up to D = 128).
+template <int kM16>
+struct RepSm90Shape {
+  static constexpr int kMaxThreads = kM16 == 2 ? 256 : 512;
+  static constexpr int kMinThreads = 128;  // one warpgroup
+  static constexpr int kCtasPerSm = kM16 == 2 ? 2 : 1;
+};
+constexpr int rep_sm90_stages(int D, int m16) { return m16 == 2 ? (D <= 64 ? 4 : 2) : (D <= 128 ? 4 : 2); }
+
+// The launch shapes the kernel supports: whole warpgroups of 64 kM16 rows, and a CTA whose
+// K-tile copies give every thread rows 8 apart (threads / (D / 8) a multiple of 8).
+inline bool rep_sm90_ok(int D, int m, int heads_per_cta, int m16) {
+  const int threads = m * heads_per_cta * 2 / m16;
+  const int max_threads = m16 == 2 ? RepSm90Shape<2>::kMaxThreads : RepSm90Shape<1>::kMaxThreads;
+  return m % (64 * m16) == 0 && threads >= 128 && threads <= max_threads && (threads / (D / 8)) % 8 == 0;
+}
+
+// Shared memory from the first 1024-byte boundary of the dynamic allocation (1 KB of slack):
+// the K ring (1024-byte aligned tiles), then Q̂ [atoms][hpc m rows][128 B] (swizzled), then
+// the pooling partials.
+__host__ __device__ inline RepSmem rep_sm90_smem_layout(int D, int m, int heads_per_cta, int m16) {
+  RepSmem s;
+  s.k_off = 0;
+  s.q_off = rep_sm90_stages(D, m16) * kTileKeys * D * 2;
+  s.pool_off = s.q_off + heads_per_cta * m * D * 2;
+  const int max_threads = m16 == 2 ? RepSm90Shape<2>::kMaxThreads : RepSm90Shape<1>::kMaxThreads;
+  s.total = s.pool_off + 2 * rep_pool_part_floats(max_threads, D) * 4 + 1024;
+  return s;
+}
+
+template <bool kBf16, int kD, int kM16>
+__global__ void __launch_bounds__(RepSm90Shape<kM16>::kMaxThreads, RepSm90Shape<kM16>::kCtasPerSm)
+    rep_kernel_sm90(const RepParams p) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using Element = std::conditional_t<kBf16, __nv_bfloat16, __half>;
+  using Mma = sm90::Wgmma64x64<Element>;
+  using Shape = RepSm90Shape<kM16>;
+  static_assert(kD % 64 == 0, "the wgmma rep kernel needs whole 128-byte swizzle atoms");
+  constexpr bool kARegs = kM16 == 1 && kD <= 128;  // Q̂ fragments in registers
+  constexpr int kStages = rep_sm90_stages(kD, kM16);
+  constexpr int kRowsPerWarp = 16 * kM16;
+  constexpr int kSteps = kD / 16;  // k16 steps of one tile
+  constexpr int kChunks = kD / 8;  // 16-byte chunks per row
+  constexpr int kChunkShift = kChunks == 8 ? 3 : kChunks == 16 ? 4 : 5;
+  constexpr int kTileBytes = kTileKeys * kD * 2;
+  static_assert(1 << kChunkShift == kChunks, "head dim 64, 128 or 256");
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  // The swizzle works on address bits: the operands start at a 1024-byte boundary.
+  unsigned char* smem = smem_raw + ((1024u - (smem_u32(smem_raw) & 1023u)) & 1023u);
+  const int split = blockIdx.y, b = blockIdx.z, hpc = p.heads_per_cta;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, nthreads = blockDim.x;
+  const int g = lane >> 2, t4 = lane & 3;
+  const int m = p.rows, bs = p.block_size, bs_shift = __ffs(bs) - 1;  // m = bs: a power of two
+  const int qrows = hpc * m;                         // Q̂ rows of the CTA (head hl: rows hl m ..)
+  const int group = p.heads_q / p.heads_kv;
+  const int h_first = blockIdx.x * hpc;
+  const int h = h_first + ((warp * kRowsPerWarp) >> bs_shift);  // this warp's query head
+  const int hk = h_first / group;
+  const int ks = split * p.split_keys;
+  const int ke = min(ks + p.split_keys, p.seqlen_k);
+  const int ntile = (ke - ks + kTileKeys - 1) / kTileKeys;
+  const int P0 = p.seqlen_k - m;
+  const RepSmem L = rep_sm90_smem_layout(kD, m, hpc, kM16);
+  unsigned char* Ks = smem + L.k_off;
+  unsigned char* Qs = smem + L.q_off;
+  float* pool_part = reinterpret_cast<float*>(smem + L.pool_off);
+  const uint32_t ks_addr = smem_u32(Ks);
+
+  // Q̂ row r of the CTA (head r / m) sits at shared row q_slot(r): with kM16 = 2 a warpgroup's
+  // 128 rows are stored as its two m64 tiles, tile mt row 16 j + i = row 32 j + 16 mt + i,
+  // so that warp j of the group gets the 32 consecutive rows 32 j .. of the head.
+  auto q_slot = [](int r) {
+    if constexpr (kM16 == 1) {
+      return r;
+    } else {
+      return (r & ~127) + (((r >> 4) & 1) << 6) + (((r >> 5) & 3) << 4) + (r & 15);
+    }
+  };
+  // Copies: thread -> 16-byte chunk c of rows r0, r0 + rstep, ... (nthreads is a multiple of kChunks).
+  const int cchunk = tid & (kChunks - 1), r0 = tid >> kChunkShift, rstep = nthreads >> kChunkShift;
+  {
+    const uint16_t* qg = p.q + b * p.q_batch_stride + h_first * p.q_head_stride +
+                         static_cast<int64_t>(p.seqlen_q - m) * p.q_row_stride + cchunk * 8;
+    for (int r = r0; r < qrows; r += rstep) {
+      const int hl = r >> bs_shift;
+      cp_async_16(smem_u32(Qs + sm90::sw128_offset(q_slot(r), cchunk, qrows)),
+                  qg + hl * p.q_head_stride + (r - (hl << bs_shift)) * p.q_row_stride);
+    }
+  }
+  const uint16_t* kg = p.k + b * p.k_batch_stride + hk * p.k_head_stride + cchunk * 8;
+  const int64_t kstep = static_cast<int64_t>(rstep) * p.k_row_stride;
+  // rstep % 8 == 0 (rep_sm90_ok): the thread's rows share r % 8, so its shared offsets are
+  // one base plus multiples of rstep rows.
+  const uint32_t k_off0 = sm90::sw128_offset(r0, cchunk, kTileKeys);
+  auto load_k = [&](int tile, int buf) {
+    const int kt = ks + tile * kTileKeys;
+    const uint16_t* src = kg + static_cast<int64_t>(kt + r0) * p.k_row_stride;
+    uint32_t d = ks_addr + buf * kTileBytes + k_off0;
+    const int rows_left = ke - kt;
+    for (int r = r0; r < kTileKeys; r += rstep, src += kstep, d += rstep * 128) {
+      const bool ok = r < rows_left;
+      cp_async_16(d, ok ? src : kg, ok);
+    }
+  };
+#pragma unroll
+  for (int s = 0; s < kStages - 1; ++s) {
+    if (s < ntile) load_k(s, s);
+    cp_async_commit();  // group s (the first one also holds Q̂)
+  }
+
+  const int64_t head = static_cast<int64_t>(b) * p.heads_q + h;
+  const int row0 = (warp * kRowsPerWarp) & (m - 1);  // first representative row of this warp in its head
+  RepRows<2 * kM16> st;
+  st.init(P0 + row0, g, bs);
+  RepKPool<kBf16, kD, Shape::kMaxThreads, Shape::kMinThreads> pool;
+  pool.init(tid, nthreads, group, hpc, h_first);
+
+  cp_async_wait<kStages - 2>();  // Q̂ and tile 0 have landed (for this thread)
+  sm90::fence_proxy_async_smem();
+  __syncthreads();
+  if (split == 0) {  // mean(Q̂) of the CTA's heads: thread per (head, dim), rows in order
+    for (int idx = tid; idx < hpc * kD; idx += nthreads) {
+      const int hl = idx / kD, d = idx - hl * kD;
+      float s = 0.f;
+      for (int r = 0; r < m; ++r) {
+        const uint16_t bits =
+            *reinterpret_cast<const uint16_t*>(Qs + sm90::sw128_offset(q_slot(hl * m + r), d >> 3, qrows) + (d & 7) * 2);
+        s += kBf16 ? __uint_as_float(static_cast<uint32_t>(bits) << 16) : __half2float(__ushort_as_half(bits));
+      }
+      p.qhat_mean[(static_cast<int64_t>(b) * p.heads_q + h_first + hl) * kD + d] = s / static_cast<float>(m);
+    }
+  }
+  // A operand: the warp's 16 rows (CTA rows 16 warp ..) as m16n8k16 fragments (ldmatrix:
+  // rows lane & 15, chunk 2 step + lane / 16), or the warpgroup's 64 rows by descriptor.
+  constexpr int kARegSteps = kARegs ? kSteps : 1;
+  uint32_t a_frag[kARegSteps][4];
+  if constexpr (kARegs) {
+#pragma unroll
+    for (int s = 0; s < kSteps; ++s)
+      ldmatrix_x4(a_frag[s], smem_u32(Qs + sm90::sw128_offset(warp * 16 + (lane & 15), 2 * s + (lane >> 4), qrows)));
+  }
+  // Descriptors: the start address field is the low 14 bits of (address >> 4), so steps and
+  // buffers are added to it (shared addresses < 256 KB: no carry out of the field).
+  const uint64_t desc_k0 = sm90::desc_sw128(ks_addr);
+  const uint64_t desc_q0 = sm90::desc_sw128(smem_u32(Qs) + (warp >> 2) * (64 * kM16) * 128);  // the warpgroup's rows
+  // pool(K): column pair pr of key r in the swizzled tile (atom pr / 32, chunk (pr / 4) % 8).
+  // With nph % 8 == 0 the thread's keys share r % 8 (= kph % 8): linear addresses.
+  const bool pool_linear = (pool.nph & 7) == 0;
+  auto pool_pair_off = [](int r, int pr) {
+    return (pr >> 5) * (kTileKeys * 128) + r * 128 + ((((pr >> 2) & 7) ^ (r & 7)) << 4) + (pr & 3) * 4;
+  };
+
+  for (int tile = 0; tile < ntile; ++tile) {
+    if (tile > 0) {
+      cp_async_wait<kStages - 2>();
+      sm90::fence_proxy_async_smem();
+      __syncthreads();  // tile `tile` landed for all; everyone is done with tile - 1's buffer
+    }
+    {
+      const int nt = tile + kStages - 1;
+      if (nt < ntile) load_k(nt, nt % kStages);
+      cp_async_commit();
+    }
+    const int buf = tile % kStages;
+    RepTile tl;
+    tl.kt = ks + tile * kTileKeys;
+    const int c = tl.kt >> bs_shift;
+    tl.base = tl.kt & (bs - 1);
+    tl.first_in_block = tl.base == 0;
+    tl.last_in_block = tl.base + kTileKeys == bs || tile == ntile - 1;
+
+    // acc[mt]: the warpgroup's m64 tile mt (rows 64 mt ..); this warp's rows 16 (warp % 4) + 64 mt ..
+    float acc[kM16][8][4];
+    const uint64_t desc_k = desc_k0 + static_cast<uint64_t>(buf * (kTileBytes >> 4));
+    sm90::wgmma_fence();
+#pragma unroll
+    for (int s = 0; s < kSteps; ++s) {
+      // k16 step s: atom s / 4 (a column block of rows x 128 B), 32 B into it per step.
+      const uint64_t desc_b = desc_k + static_cast<uint64_t>(((s >> 2) * kTileKeys * 128 + (s & 3) * 32) >> 4);
+      if constexpr (kARegs) {
+        Mma::rs(acc[0], a_frag[s], desc_b, s > 0);
+      } else {
+#pragma unroll
+        for (int mt = 0; mt < kM16; ++mt) {
+          const uint64_t desc_a =
+              desc_q0 + static_cast<uint64_t>(((s >> 2) * qrows * 128 + mt * 64 * 128 + (s & 3) * 32) >> 4);
+          Mma::ss(acc[mt], desc_a, desc_b, s > 0);
+        }
+      }
+    }
+    sm90::wgmma_commit();
+    // pool(K) while the tensor cores run (plain shared loads of the swizzled tile).
+    if (pool.pools) {
+      const unsigned char* Kt = Ks + buf * kTileBytes;
+      if (pool_linear) {
+        const int kph7 = pool.kph & 7;
+        pool.add_tile_linear([&](int pr) { return Kt + pool_pair_off(kph7, pr) - kph7 * 128; }, 128);
+      } else {
+        pool.add_tile([&](int r, int pr) { return *reinterpret_cast<const uint32_t*>(Kt + pool_pair_off(r, pr)); });
+      }
+      if (tl.first_in_block && c > (ks >> bs_shift)) pool.flush(pool_part, p, b, hk, c - 1, tid);
+    }
+    sm90::wgmma_wait<0>();
+#pragma unroll
+    for (int mt = 0; mt < kM16; ++mt) sm90::fence_operands(acc[mt]);
+    rep_tile_sums<kM16>(acc, st, tl, P0 + row0, p.scale_log2, p.rec + ((head * p.num_k_blocks + c) * 3) * m + row0,
+                        m, g, t4);
+    if (pool.pools && tl.last_in_block) pool.stash(pool_part, c);
+  }
+  {
+    const int64_t o = (head * p.num_splits + split) * m + row0;
+    rep_store_split(st, p.part_ref + o, p.part_sum + o, g, t4);
+  }
+  cp_async_wait<0>();
+  if (pool.pools && ntile > 0) {  // the split's last block
+    __syncthreads();
+    pool.flush(pool_part, p, b, hk, (ks + (ntile - 1) * kTileKeys) >> bs_shift, tid);
+  }
+#elif defined(__CUDA_ARCH__)
+  __trap();  // compiled without sm_90a: the host never launches this (rep_config)
+#endif
+}
+
+template <bool kBf16, int kD, int kM16>
+cudaError_t launch_rep_sm90(const RepParams& p, int batch, cudaStream_t stream) {
+  const RepSmem L = rep_sm90_smem_layout(kD, p.rows, p.heads_per_cta, kM16);
+  auto kernel = rep_kernel_sm90<kBf16, kD, kM16>;
+  static std::atomic<uint64_t> raised{0};
+  cudaError_t err = raise_smem_limit_once(reinterpret_cast<const void*>(kernel), raised);
+  if (err != cudaSuccess) return err;
+  dim3 grid(p.heads_q / p.heads_per_cta, p.num_splits, batch);
+  kernel<<<grid, 2 * p.rows * p.heads_per_cta / kM16, L.total, stream>>>(p);
+  return cudaGetLastError();
+}
+
+}  // namespace selection
+}  // namespace flexprefill
