@@ -23,14 +23,15 @@ __host__ __device__ __forceinline__ uint32_t sw128_offset(int row, int chunk, in
   return static_cast<uint32_t>((chunk >> 3) * rows * 128 + row * 128 + (((chunk & 7) ^ (row & 7)) << 4));
 }
 
-// wgmma descriptor of a K-major 128-byte-swizzled operand starting at shared address `addr`.
-__device__ __forceinline__ uint64_t desc_sw128(uint32_t addr) {
-  uint64_t d = (addr & 0x3FFFFu) >> 4;          // start address (bits 0-13)
-  d |= uint64_t(1) << 16;                       // leading byte offset: unused for swizzled K-major
-  d |= uint64_t(1024 >> 4) << 32;               // stride byte offset: 8-row groups
-  d |= uint64_t(1) << 62;                       // 128-byte swizzle
-  return d;
-}
+// wgmma descriptor of a K-major 128-byte-swizzled operand starting at shared address `addr`,
+// as its two 32-bit halves: the low word holds the start address (bits 0-13, address / 16)
+// and the leading byte offset (unused for swizzled K-major: 1); the high word the stride
+// byte offset (8-row groups 1024 B apart) and the swizzle mode (bits 62-63: 1 = 128 B).
+// Shared addresses are < 256 KB, so offsets / 16 add to the low word without a carry out of
+// the address field: keep descriptors as low words and add offsets there (32-bit math).
+constexpr uint32_t kDescSw128Hi = (1024u >> 4) | (1u << 30);
+__device__ __forceinline__ uint32_t desc_sw128_lo(uint32_t addr) { return ((addr & 0x3FFFFu) >> 4) | (1u << 16); }
+__device__ __forceinline__ uint64_t desc_sw128_of(uint32_t lo) { return (uint64_t(kDescSw128Hi) << 32) | lo; }
 
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }

@@ -10,6 +10,17 @@
 namespace flexprefill {
 namespace selection {
 
+// Programmatic dependent launch (sm_90+; a no-op before): wait until the grids this one
+// depends on have completed and their memory is visible, then let the next grid in the
+// stream be scheduled (it waits in turn). First statement of every kernel launched with
+// launch_chained, before any global memory access.
+__device__ __forceinline__ void pdl_grid_sync() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+
 // The two bf16 / fp16 values packed in w (low half first) as floats (exact).
 template <bool kBf16>
 __device__ __forceinline__ float2 unpack2(uint32_t w) {

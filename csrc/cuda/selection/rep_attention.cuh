@@ -154,9 +154,27 @@ __device__ __forceinline__ void rep_tile_sums(float (&acc)[kM16][8][4], RepRows<
   }
   const bool mixed = __any_sync(0xffffffffu, mixed_own);
 
-  // Fast path: e = 2^(x - ref) against the row's reference from earlier tiles, no max.
-  // Taken when every sum stays finite and <= 2^64 and every row has a reference;
-  // otherwise (a split's first tile, a much larger logit) the exact path below.
+  // A row without a reference yet (the split's first tile) takes the tile's row maximum.
+  bool no_ref = false;
+#pragma unroll
+  for (int s = 0; s < kSlots; ++s) no_ref |= st.m_ref[s] == -INFINITY;
+  if (__any_sync(0xffffffffu, no_ref)) {
+#pragma unroll
+    for (int s = 0; s < kSlots; ++s) {
+      float tmax = -INFINITY;
+#pragma unroll
+      for (int n = 0; n < 8; ++n)
+#pragma unroll
+        for (int x = 0; x < 2; ++x) tmax = fmaxf(tmax, acc[s >> 1][n][2 * (s & 1) + x]);
+      tmax = fmaxf(tmax, __shfl_xor_sync(0xffffffffu, tmax, 1));
+      tmax = fmaxf(tmax, __shfl_xor_sync(0xffffffffu, tmax, 2));
+      if (st.m_ref[s] == -INFINITY) st.m_ref[s] = tmax * scale_log2;  // (sums are 0 while -inf)
+    }
+  }
+
+  // Fast path: e = 2^(x - ref) against the row's reference, no max. Taken when every sum
+  // stays finite and <= 2^64 and every row has a reference; otherwise (a much larger logit,
+  // a row whose keys are all masked so far) the exact path below.
   float t_h[kSlots], t_l[kSlots];
   if (mixed) {  // (branches outside the slot loop: the rows' chains interleave)
 #pragma unroll

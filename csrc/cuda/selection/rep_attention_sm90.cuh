@@ -101,13 +101,15 @@ __global__ void __launch_bounds__(RepSm90Shape<kM16>::kMaxThreads, RepSm90Shape<
   };
   // Copies: thread -> 16-byte chunk c of rows r0, r0 + rstep, ... (nthreads is a multiple of kChunks).
   const int cchunk = tid & (kChunks - 1), r0 = tid >> kChunkShift, rstep = nthreads >> kChunkShift;
-  {
+  {  // heads outer, the thread's rows of a head (r0, r0 + rstep, ...) inner
     const uint16_t* qg = p.q + b * p.q_batch_stride + h_first * p.q_head_stride +
                          static_cast<int64_t>(p.seqlen_q - m) * p.q_row_stride + cchunk * 8;
-    for (int r = r0; r < qrows; r += rstep) {
-      const int hl = r >> bs_shift;
-      cp_async_16(smem_u32(Qs + sm90::sw128_offset(q_slot(r), cchunk, qrows)),
-                  qg + hl * p.q_head_stride + (r - (hl << bs_shift)) * p.q_row_stride);
+    const int64_t qstep = static_cast<int64_t>(rstep) * p.q_row_stride;
+    const uint32_t qs_addr = smem_u32(Qs);
+    for (int hl = 0; hl < hpc; ++hl) {
+      const uint16_t* src = qg + hl * p.q_head_stride + static_cast<int64_t>(r0) * p.q_row_stride;
+      for (int r = r0; r < m; r += rstep, src += qstep)
+        cp_async_16(qs_addr + sm90::sw128_offset(q_slot(hl * m + r), cchunk, qrows), src);
     }
   }
   const uint16_t* kg = p.k + b * p.k_batch_stride + hk * p.k_head_stride + cchunk * 8;
@@ -115,14 +117,20 @@ __global__ void __launch_bounds__(RepSm90Shape<kM16>::kMaxThreads, RepSm90Shape<
   // rstep % 8 == 0 (rep_sm90_ok): the thread's rows share r % 8, so its shared offsets are
   // one base plus multiples of rstep rows.
   const uint32_t k_off0 = sm90::sw128_offset(r0, cchunk, kTileKeys);
+  const uint32_t dstep = rstep * 128;
   auto load_k = [&](int tile, int buf) {
     const int kt = ks + tile * kTileKeys;
     const uint16_t* src = kg + static_cast<int64_t>(kt + r0) * p.k_row_stride;
     uint32_t d = ks_addr + buf * kTileBytes + k_off0;
     const int rows_left = ke - kt;
-    for (int r = r0; r < kTileKeys; r += rstep, src += kstep, d += rstep * 128) {
-      const bool ok = r < rows_left;
-      cp_async_16(d, ok ? src : kg, ok);
+    if (rows_left >= kTileKeys) {  // a whole tile
+#pragma unroll 2
+      for (int r = r0; r < kTileKeys; r += rstep, src += kstep, d += dstep) cp_async_16(d, src);
+    } else {
+      for (int r = r0; r < kTileKeys; r += rstep, src += kstep, d += dstep) {
+        const bool ok = r < rows_left;
+        cp_async_16(d, ok ? src : kg, ok);
+      }
     }
   };
 #pragma unroll
@@ -164,8 +172,10 @@ __global__ void __launch_bounds__(RepSm90Shape<kM16>::kMaxThreads, RepSm90Shape<
   }
   // Descriptors: the start address field is the low 14 bits of (address >> 4), so steps and
   // buffers are added to it (shared addresses < 256 KB: no carry out of the field).
-  const uint64_t desc_k0 = sm90::desc_sw128(ks_addr);
-  const uint64_t desc_q0 = sm90::desc_sw128(smem_u32(Qs) + (warp >> 2) * (64 * kM16) * 128);  // the warpgroup's rows
+  const uint32_t desc_k0 = sm90::desc_sw128_lo(ks_addr);
+  const int wg = __shfl_sync(0xffffffffu, warp >> 2, 0);  // (warp-uniform)
+  const uint32_t desc_q0 = sm90::desc_sw128_lo(smem_u32(Qs) + wg * (64 * kM16) * 128);  // the warpgroup's rows
+  const uint32_t q_atom = (qrows * 128) >> 4;  // one Q̂ column block, in descriptor units
   // pool(K): column pair pr of key r in the swizzled tile (atom pr / 32, chunk (pr / 4) % 8).
   // With nph % 8 == 0 the thread's keys share r % 8 (= kph % 8): linear addresses.
   const bool pool_linear = (pool.nph & 7) == 0;
@@ -194,19 +204,19 @@ __global__ void __launch_bounds__(RepSm90Shape<kM16>::kMaxThreads, RepSm90Shape<
 
     // acc[mt]: the warpgroup's m64 tile mt (rows 64 mt ..); this warp's rows 16 (warp % 4) + 64 mt ..
     float acc[kM16][8][4];
-    const uint64_t desc_k = desc_k0 + static_cast<uint64_t>(buf * (kTileBytes >> 4));
+    const uint32_t desc_k = desc_k0 + buf * (kTileBytes >> 4);
     sm90::wgmma_fence();
 #pragma unroll
     for (int s = 0; s < kSteps; ++s) {
       // k16 step s: atom s / 4 (a column block of rows x 128 B), 32 B into it per step.
-      const uint64_t desc_b = desc_k + static_cast<uint64_t>(((s >> 2) * kTileKeys * 128 + (s & 3) * 32) >> 4);
+      const uint64_t desc_b = sm90::desc_sw128_of(desc_k + (((s >> 2) * kTileKeys * 128 + (s & 3) * 32) >> 4));
       if constexpr (kARegs) {
         Mma::rs(acc[0], a_frag[s], desc_b, s > 0);
       } else {
 #pragma unroll
         for (int mt = 0; mt < kM16; ++mt) {
           const uint64_t desc_a =
-              desc_q0 + static_cast<uint64_t>(((s >> 2) * qrows * 128 + mt * 64 * 128 + (s & 3) * 32) >> 4);
+              sm90::desc_sw128_of(desc_q0 + (s >> 2) * q_atom + ((mt * 64 * 128 + (s & 3) * 32) >> 4));
           Mma::ss(acc[mt], desc_a, desc_b, s > 0);
         }
       }

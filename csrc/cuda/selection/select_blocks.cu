@@ -186,9 +186,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> select_blocks_cuda(const at::Tens
 
   if (overlap) {
     const bool small = p.num_q_blocks * p.num_k_blocks <= selection::kQaSmallMax;
-    if (!small) C10_CUDA_CHECK(cudaMemsetAsync(w.qa, 0, sizeof(uint32_t) * B * Hq * plan.qa_words, stream));
     for (int64_t wave = 0; wave < plan.waves; ++wave) {
       const int64_t head0 = wave * plan.heads_per_wave;
+      // (pool(Q) also clears the multi-CTA selection's bitmask words and radix state)
       C10_CUDA_CHECK(selection::launch_qa_pool(p, plan, w, head0, stream));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       C10_CUDA_CHECK(selection::launch_qa_estimate(p, plan, w, head0, stream));
@@ -198,7 +198,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> select_blocks_cuda(const at::Tens
         C10_CUDA_KERNEL_LAUNCH_CHECK();
         continue;
       }
-      C10_CUDA_CHECK(cudaMemsetAsync(w.radix, 0, selection::kRadixStateBytes * plan.heads_per_wave, stream));
       for (int level = 0; level < 3; ++level) {
         C10_CUDA_CHECK(selection::launch_qa_radix_level(p, plan, w, head0, level, stream));
         C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -10,6 +10,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <utility>
 
 #include "cuda/selection/device_utils.cuh"
 #include "cuda/selection/radix_select.cuh"
@@ -52,6 +53,7 @@ constexpr int kRecThreads = 256;
 constexpr int kRecBlocks = 32;  // key blocks per CTA
 __global__ void __launch_bounds__(kRecThreads) finish_records_kernel(const SelectParams p, const SelectPlan plan,
                                                                      const SelectBuffers w) {
+  pdl_grid_sync();
   __shared__ float lse_s[128];
   __shared__ float qm[256];
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -177,6 +179,7 @@ __global__ void __launch_bounds__(kRecThreads) finish_records_kernel(const Selec
 constexpr int kFinishAll = 0, kFinishDecide = 1, kFinishSelect = 2;
 __global__ void __launch_bounds__(kSelectThreads) finish_kernel(const SelectParams p, const SelectPlan plan,
                                                                 const SelectBuffers w, int part) {
+  pdl_grid_sync();
   __shared__ union SelSmem {
     RadixSmem radix;
     RankSmem rank;
@@ -251,12 +254,24 @@ __global__ void __launch_bounds__(kSelectThreads) finish_kernel(const SelectPara
 // poolq[hw, r, :] = fp32 mean of the queries of block r. Thread -> 16-byte chunk of a row
 // and a row group (rows gi, gi + groups, ...: up to 8 loads in flight), then the groups
 // combine in shared memory (fixed order). grid (NBq, heads_per_wave), kQaPoolThreads.
+// With qa_zero (the multi-CTA selection) the CTAs of a head also clear its bitmask words
+// (qa_words) and its radix state in `radix` (every head of the wave, query-aware or not).
 constexpr int kQaPoolThreads = 256;
 template <bool kBf16>
 __global__ void __launch_bounds__(kQaPoolThreads) qa_pool_kernel(const SelectParams p, int64_t head0,
-                                                                 const bool* query_aware, float* poolq) {
+                                                                 const bool* query_aware, float* poolq,
+                                                                 uint32_t* qa_zero, int64_t qa_words,
+                                                                 unsigned char* radix) {
+  pdl_grid_sync();
   __shared__ float part[kQaPoolThreads * 8];  // [groups][D]
   const int64_t hw = blockIdx.y, head = head0 + hw;
+  if (qa_zero != nullptr && head < p.batch * p.heads_q) {
+    const int64_t first = static_cast<int64_t>(blockIdx.x) * kQaPoolThreads + threadIdx.x;
+    const int64_t stride = static_cast<int64_t>(gridDim.x) * kQaPoolThreads;
+    for (int64_t i = first; i < qa_words; i += stride) qa_zero[head * qa_words + i] = 0u;
+    uint32_t* rs = reinterpret_cast<uint32_t*>(radix + hw * kRadixStateBytes);
+    for (int64_t i = first; i < static_cast<int64_t>(kRadixStateBytes / 4); i += stride) rs[i] = 0u;
+  }
   if (head >= p.batch * p.heads_q || !query_aware[head]) return;
   const int64_t b = head / p.heads_q, h = head - b * p.heads_q, r = blockIdx.x, bs = p.block_size;
   const int D = static_cast<int>(p.head_dim), chunks = D / 8, groups = kQaPoolThreads / chunks;
@@ -397,6 +412,7 @@ constexpr int kQaThreads = 256;
 __global__ void __launch_bounds__(kQaThreads, 3) qa_estimate_kernel(const SelectParams p, int64_t head0,
                                                                   const bool* query_aware, const float* pool_k,
                                                                   const float* poolq, float* est) {
+  pdl_grid_sync();
   __shared__ __align__(16) float pq[kQaRows][256];  // pooled queries of the CTA's blocks
   __shared__ float red_f[kQaRows][kQaThreads / 32];
   __shared__ double red_d[kQaRows][kQaThreads / 32];
@@ -521,6 +537,7 @@ __global__ void __launch_bounds__(kQaThreads, 3) qa_estimate_kernel(const Select
 __global__ void __launch_bounds__(kSelectThreads) qa_select_small_kernel(const SelectParams p, const SelectPlan plan,
                                                                          int64_t head0, const bool* query_aware,
                                                                          const float* est, uint32_t* qa) {
+  pdl_grid_sync();
   __shared__ RadixSmem sm;
   const int64_t hw = blockIdx.x, head = head0 + hw;
   if (head >= p.batch * p.heads_q) return;
@@ -547,6 +564,7 @@ __global__ void __launch_bounds__(kSelectThreads) qa_radix_level_kernel(const Se
                                                                         int64_t head0, const bool* query_aware,
                                                                         const float* est, unsigned char* ws,
                                                                         int level) {
+  pdl_grid_sync();
   __shared__ RadixSmem sm;
   __shared__ uint32_t is_last;
   constexpr int kShift[3] = {21, 10, 0};
@@ -569,6 +587,7 @@ __global__ void __launch_bounds__(kSelectThreads) qa_radix_level_kernel(const Se
 __global__ void __launch_bounds__(kSelectThreads) qa_mark_kernel(const SelectParams p, const SelectPlan plan,
                                                                  int64_t head0, const bool* query_aware,
                                                                  const float* est, unsigned char* ws, uint32_t* qa) {
+  pdl_grid_sync();
   __shared__ RadixSmem sm;
   const int64_t hw = blockIdx.y, head = head0 + hw;
   if (head >= p.batch * p.heads_q || !query_aware[head]) return;
@@ -639,6 +658,7 @@ __device__ __forceinline__ bool test_bit(const uint32_t* words, int i) { return 
 // positions (the op limits lengths to int32) and shifts for the block size (a power of two).
 __global__ void assemble_kernel(const SelectParams p, const SelectPlan plan, const uint32_t* cols,
                                 const uint32_t* bins, const uint32_t* qa, bool all_causal) {
+  pdl_grid_sync();
   const int lane = threadIdx.x & 31;
   const int r = static_cast<int>(blockIdx.x) * kAssembleRowsPerCta + (threadIdx.x >> 5);
   if (r >= p.num_q_blocks) return;
@@ -685,61 +705,80 @@ __global__ void assemble_kernel(const SelectParams p, const SelectPlan plan, con
 // ---------------------------------------------------------------------------------------
 // Launchers.
 
+// A kernel launch that may start while the previous kernel of the stream drains (programmatic
+// dependent launch on sm_90+: the kernel's first statement is pdl_grid_sync, which waits for
+// that kernel to complete). Hides the launch gap between the dependent kernels of the chain.
+template <typename... KArgs, typename... Args>
+cudaError_t launch_chained(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem, cudaStream_t s,
+                           Args&&... args) {
+  int dev = 0, major = 0;
+  cudaError_t e = cudaGetDevice(&dev);
+  if (e == cudaSuccess) e = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
+  if (e != cudaSuccess) return e;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = grid;
+  cfg.blockDim = block;
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = s;
+  cfg.attrs = attr;
+  cfg.numAttrs = major >= 9 ? 1 : 0;
+  return cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...);
+}
+
 // part kFinishAll / kFinishDecide: the records kernel, then finish_kernel; kFinishSelect:
 // finish_kernel's step 4 alone.
 inline cudaError_t launch_finish(const SelectParams& p, const SelectPlan& plan, const SelectBuffers& w, int part,
                                  cudaStream_t s) {
   if (part != kFinishSelect) {
     const dim3 grid((p.num_k_blocks + kRecBlocks - 1) / kRecBlocks, p.batch * p.heads_q);
-    finish_records_kernel<<<grid, kRecThreads, 0, s>>>(p, plan, w);
-    const cudaError_t e = cudaGetLastError();
+    const cudaError_t e = launch_chained(finish_records_kernel, grid, kRecThreads, 0, s, p, plan, w);
     if (e != cudaSuccess) return e;
   }
-  finish_kernel<<<p.batch * p.heads_q, kSelectThreads, 0, s>>>(p, plan, w, part);
-  return cudaGetLastError();
+  return launch_chained(finish_kernel, dim3(p.batch * p.heads_q), kSelectThreads, 0, s, p, plan, w, part);
 }
 inline cudaError_t launch_qa_pool(const SelectParams& p, const SelectPlan& plan, const SelectBuffers& w, int64_t head0,
                                   cudaStream_t s) {
   const dim3 grid(p.num_q_blocks, plan.heads_per_wave);
-  if (p.is_bf16) {
-    qa_pool_kernel<true><<<grid, kQaPoolThreads, 0, s>>>(p, head0, p.query_aware, w.poolq);
-  } else {
-    qa_pool_kernel<false><<<grid, kQaPoolThreads, 0, s>>>(p, head0, p.query_aware, w.poolq);
-  }
-  return cudaGetLastError();
+  const bool small = p.num_q_blocks * p.num_k_blocks <= kQaSmallMax;  // qa_select_small clears its own words
+  return launch_chained(p.is_bf16 ? qa_pool_kernel<true> : qa_pool_kernel<false>, grid, kQaPoolThreads, 0, s, p,
+                        head0, static_cast<const bool*>(p.query_aware), w.poolq, small ? nullptr : w.qa,
+                        static_cast<int64_t>(plan.qa_words), w.radix);
 }
 inline cudaError_t launch_qa_estimate(const SelectParams& p, const SelectPlan& plan, const SelectBuffers& w,
                                       int64_t head0, cudaStream_t s) {
   const dim3 grid((p.num_q_blocks + kQaRows - 1) / kQaRows, plan.heads_per_wave);
-  qa_estimate_kernel<<<grid, kQaThreads, 0, s>>>(p, head0, p.query_aware, w.pool_k, w.poolq, w.est);
-  return cudaGetLastError();
+  return launch_chained(qa_estimate_kernel, grid, kQaThreads, 0, s, p, head0, static_cast<const bool*>(p.query_aware),
+                        static_cast<const float*>(w.pool_k), static_cast<const float*>(w.poolq), w.est);
 }
 inline cudaError_t launch_qa_select_small(const SelectParams& p, const SelectPlan& plan, const SelectBuffers& w,
                                           int64_t head0, cudaStream_t s) {
-  qa_select_small_kernel<<<plan.heads_per_wave, kSelectThreads, 0, s>>>(p, plan, head0, p.query_aware, w.est, w.qa);
-  return cudaGetLastError();
+  return launch_chained(qa_select_small_kernel, dim3(plan.heads_per_wave), kSelectThreads, 0, s, p, plan, head0,
+                        static_cast<const bool*>(p.query_aware), static_cast<const float*>(w.est), w.qa);
 }
 inline cudaError_t launch_qa_radix_level(const SelectParams& p, const SelectPlan& plan, const SelectBuffers& w,
                                          int64_t head0, int level, cudaStream_t s) {
   const int64_t n = p.num_q_blocks * p.num_k_blocks;
   dim3 grid((n + plan.qa_chunk - 1) / plan.qa_chunk, plan.heads_per_wave);
-  qa_radix_level_kernel<<<grid, kSelectThreads, 0, s>>>(p, plan, head0, p.query_aware, w.est, w.radix, level);
-  return cudaGetLastError();
+  return launch_chained(qa_radix_level_kernel, grid, kSelectThreads, 0, s, p, plan, head0,
+                        static_cast<const bool*>(p.query_aware), static_cast<const float*>(w.est), w.radix, level);
 }
 inline cudaError_t launch_qa_mark(const SelectParams& p, const SelectPlan& plan, const SelectBuffers& w,
                                   int64_t head0, cudaStream_t s) {
   const int64_t n = p.num_q_blocks * p.num_k_blocks;
   dim3 grid((n + plan.qa_chunk - 1) / plan.qa_chunk, plan.heads_per_wave);
-  qa_mark_kernel<<<grid, kSelectThreads, 0, s>>>(p, plan, head0, p.query_aware, w.est, w.radix, w.qa);
-  return cudaGetLastError();
+  return launch_chained(qa_mark_kernel, grid, kSelectThreads, 0, s, p, plan, head0,
+                        static_cast<const bool*>(p.query_aware), static_cast<const float*>(w.est), w.radix, w.qa);
 }
 inline cudaError_t launch_assemble(const SelectParams& p, const SelectPlan& plan, const SelectBuffers* w,
                                    bool all_causal, cudaStream_t s) {
   dim3 grid((p.num_q_blocks + kAssembleRowsPerCta - 1) / kAssembleRowsPerCta, p.heads_q, p.batch);
-  assemble_kernel<<<grid, 32 * kAssembleRowsPerCta, 0, s>>>(p, plan, w ? w->cols : nullptr,
-                                                            w ? w->bins : nullptr, w ? w->qa : nullptr,
-                                                            all_causal);
-  return cudaGetLastError();
+  return launch_chained(assemble_kernel, grid, 32 * kAssembleRowsPerCta, 0, s, p, plan,
+                        static_cast<const uint32_t*>(w ? w->cols : nullptr),
+                        static_cast<const uint32_t*>(w ? w->bins : nullptr),
+                        static_cast<const uint32_t*>(w ? w->qa : nullptr), all_causal);
 }
 
 }  // namespace selection
