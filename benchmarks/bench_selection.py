@@ -83,7 +83,12 @@ def extra_memory_mib(q, k) -> float:
 
 
 def profile_kernels(q, k) -> list:
-    """Per-kernel CUDA time of one select_blocks call (ms), largest first."""
+    """Per-kernel CUDA span of one select_blocks call (ms), largest first.
+
+    On sm_90+ the selection kernels after the first are launched as programmatic dependent
+    launches: each may start while its predecessor drains and waits for it on the GPU, so
+    a span includes that wait and the spans add up to more than the call.
+    """
     from torch.profiler import ProfilerActivity, profile
     flexprefill.select_blocks(q, k, **ARGS)
     torch.cuda.synchronize()
@@ -102,7 +107,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="selection.json")
     ap.add_argument("--max-n", type=int, default=262144, help="skip longer inputs")
-    ap.add_argument("--profile", action="store_true", help="per-kernel times (every head dim, up to 128k)")
+    ap.add_argument("--profile", action="store_true", help="per-kernel spans (every head dim, up to 128k; see profile_kernels)")
     opt = ap.parse_args()
     dev = torch.cuda.get_device_name()
     print(f"device: {dev}, torch {torch.__version__}")
