@@ -15,19 +15,21 @@
 // (deterministic). Records: [B, Hq, NBk, 3, m] fp32 (M, H, L); per (row, split) the
 // reference and the total, [B, Hq, splits, m] each, give the row LSE.
 //
-// No per-element max: sums are taken against the row's reference from earlier tiles and
-// the exact tile max is computed only when a sum would leave (0, 2^64] (a split's first
-// tile, a much larger logit): exact, since any reference works as long as nothing
-// overflows, and a reference above the row's values only drops terms < 2^-126 of the max.
+// No per-element max: sums are taken against the row's reference (the split's first tile
+// sets it to the tile's row maximum) and the exact rescaling path runs only when a sum
+// would leave (0, 2^64] (a much larger logit): exact, since any reference works as long
+// as nothing overflows, and a reference above the row's values only drops terms < 2^-126
+// of the max.
 //
 // The same kernel also writes pool(K) [B, Hkv, NBk, D] (from the K tiles in shared memory;
 // the CTAs of a kv head's split pool a share of the columns each) and mean(Q̂) [B, Hq, D] (split 0).
 //
-// One CTA = `heads_per_cta` query heads of one GQA group x one split of `split_keys` keys;
-// m / 32 warps per head, each owning 32 rows (two m16 tiles, so every B fragment feeds
-// four mma). Q̂ stays in shared memory (A fragments by ldmatrix at every k-step); K
-// streams through a kStages-deep cp.async ring of 64-key tiles that all the CTA's heads
-// share, one __syncthreads per tile.
+// This file: the portable (sm80+) kernel and the code it shares with the Hopper one
+// (rep_attention_sm90.cuh; rep_config picks). One CTA = `heads_per_cta` query heads of one
+// GQA group x one split of `split_keys` keys; m / 32 warps per head, each owning 32 rows
+// (two m16 tiles, so every B fragment feeds four mma). Q̂ stays in shared memory (A
+// fragments by ldmatrix at every k-step); K streams through a kStages-deep cp.async ring
+// of 64-key tiles that all the CTA's heads share, one __syncthreads per tile.
 #pragma once
 
 #include <cuda_runtime.h>

@@ -1,15 +1,15 @@
 // The rep pass (rep_attention.cuh: same RepParams, records and outputs) on Hopper's warpgroup
-// MMA (sm_90a), for head dims that are multiples of 64 and m a multiple of 64.
+// MMA (sm_90a), for head dims 64, 128 and 256 and m a multiple of 64.
 //
 // One CTA = heads_per_cta query heads of one GQA group x one split of split_keys keys, as the
-// portable kernel, but 2 m threads per head: every warp owns 16 representative rows, a
-// warpgroup 64. Per 64-key tile a warpgroup issues D / 16 asynchronous m64n64k16 wgmma
-// reading the K tile straight from shared memory (128-byte swizzle, cp.async ring of
-// rep_sm90_stages(D) tiles shared by the CTA's heads), A = Q̂ from registers (D <= 128:
-// loaded once) or from shared memory (D = 256, where the fragments would not fit in 128
-// registers). Against the mma.sync kernel this removes the per-warp ldmatrix traffic of
-// every tile (the K tile is read once per warpgroup, Q̂ never again) and the MMA issue
-// slots; the softmax sums, records and pooling are the shared code of rep_attention.cuh.
+// portable kernel. Per 64-key tile every warpgroup issues D / 16 asynchronous m64n64k16 wgmma
+// per m64 row tile, reading the K tile straight from shared memory (128-byte swizzle,
+// cp.async ring shared by the CTA's heads) while its threads pool K; then the softmax sums,
+// records and pooling are the shared code of rep_attention.cuh. Against the mma.sync kernel
+// this removes the per-warp ldmatrix traffic and the MMA issue slots of every tile. Two
+// shapes (RepSm90Shape): 32 rows a warp (two m64 tiles a warpgroup, Q̂ by descriptor,
+// two CTAs per SM) up to D = 128 with m a multiple of 128; else 16 rows a warp (one CTA
+// per SM; Q̂ fragments in registers up to D = 128, by descriptor at D = 256).
 #pragma once
 
 #include "cuda/ptx_sm90.cuh"

@@ -39,9 +39,10 @@ constexpr int kAssembleRowsPerCta = 4;    // one warp per query block
 constexpr size_t kRadixStateBytes = 64 + 3 * 2048 * 4;  // step-5 radix state + global histogram per head
 constexpr size_t kEstBudgetBytes = size_t(48) << 20;  // step-5 estimate scratch per wave (<= 64 MiB in all at 128k)
 
-// Occupancy by head dim: up to D = 128 two CTAs share an SM (<= 128 registers a thread:
-// twice the warps to hide the latency of the exponentials' dependency chains); D = 256
-// keeps one. The K ring is as deep as shared memory allows for that occupancy.
+// The portable rep kernel's occupancy by head dim (rep_attention_sm90.cuh has its own): up
+// to D = 128 two CTAs share an SM (<= 128 registers a thread: twice the warps to hide the
+// latency of the exponentials' dependency chains); D = 256 keeps one. The K ring is as
+// deep as shared memory allows for that occupancy.
 constexpr int rep_ctas_per_sm(int D) { return D <= 128 ? 2 : 1; }
 constexpr int rep_stages(int D) { return D > 96 && D <= 128 ? 2 : 4; }
 
