@@ -12,29 +12,6 @@ namespace selection {
 
 namespace {
 
-bool head_dim_built(int head_dim) {
-  switch (head_dim) {
-#if !defined(FLEXPREFILL_HEAD_DIMS_SUBSET) || defined(FLEXPREFILL_HDIM_64)
-    case 64:
-#endif
-#if !defined(FLEXPREFILL_HEAD_DIMS_SUBSET) || defined(FLEXPREFILL_HDIM_80)
-    case 80:
-#endif
-#if !defined(FLEXPREFILL_HEAD_DIMS_SUBSET) || defined(FLEXPREFILL_HDIM_96)
-    case 96:
-#endif
-#if !defined(FLEXPREFILL_HEAD_DIMS_SUBSET) || defined(FLEXPREFILL_HDIM_128)
-    case 128:
-#endif
-#if !defined(FLEXPREFILL_HEAD_DIMS_SUBSET) || defined(FLEXPREFILL_HDIM_256)
-    case 256:
-#endif
-      return true;
-    default:
-      return false;
-  }
-}
-
 template <int D>
 cudaError_t launch_dim(const RepParams& p, int batch, bool is_bf16, cudaStream_t stream) {
   if constexpr (D % 64 == 0) {  // rep_config picks 2 only up to D = 128
@@ -54,7 +31,7 @@ cudaError_t launch_dim(const RepParams& p, int batch, bool is_bf16, cudaStream_t
 RepConfig rep_config(const cudaDeviceProp& prop, int head_dim, int m, int group) {
   RepConfig c;
 #if defined(FLEXPREFILL_SM90A)
-  if (prop.major == 9 && prop.minor == 0 && head_dim % 64 == 0 && head_dim_built(head_dim)) {
+  if (prop.major == 9 && prop.minor == 0 && head_dim % 64 == 0) {
     // 32 rows a warp (two CTAs per SM) where it fits, else 16 rows a warp.
     for (int m16 = head_dim <= 128 ? 2 : 1; m16 >= 1; --m16) {
       int best = 0;
@@ -65,8 +42,8 @@ RepConfig rep_config(const cudaDeviceProp& prop, int head_dim, int m, int group)
       if (best == 0) continue;
       c.sm90 = m16;
       c.heads_per_cta = best;
-      c.threads = 2 * m * best / m16;
-      const int by_regs = 65536 / (128 * c.threads);  // <= 128 registers a thread
+      const int threads = 2 * m * best / m16;
+      const int by_regs = 65536 / (128 * threads);  // <= 128 registers a thread
       const int by_smem = static_cast<int>(prop.sharedMemPerMultiprocessor) /
                           (rep_sm90_smem_layout(head_dim, m, best, m16).total +
                            static_cast<int>(prop.reservedSharedMemPerBlock));
@@ -76,13 +53,11 @@ RepConfig rep_config(const cudaDeviceProp& prop, int head_dim, int m, int group)
   }
 #endif
   c.heads_per_cta = rep_heads_per_cta(head_dim, m, group, static_cast<int>(prop.sharedMemPerBlockOptin));
-  c.threads = m * c.heads_per_cta;
   c.ctas_per_sm = rep_ctas_per_sm(head_dim);
   return c;
 }
 
 cudaError_t launch_rep_any(const RepParams& p, int batch, bool is_bf16, int head_dim, cudaStream_t stream) {
-  if (!head_dim_built(head_dim)) return cudaErrorInvalidValue;
 #define FLEXPREFILL_REP_CASE(D) \
   if (head_dim == D) return launch_dim<D>(p, batch, is_bf16, stream);
 #if !defined(FLEXPREFILL_HEAD_DIMS_SUBSET) || defined(FLEXPREFILL_HDIM_64)

@@ -119,6 +119,18 @@ struct RepTile {
   bool first_in_block, last_in_block;
 };
 
+// Maximum of row slot s of a warp's scores over the tile (the four lanes of a quad share a row).
+template <int kM16>
+__device__ __forceinline__ float rep_row_max(const float (&acc)[kM16][8][4], int s) {
+  float tmax = -INFINITY;
+#pragma unroll
+  for (int n = 0; n < 8; ++n)
+#pragma unroll
+    for (int x = 0; x < 2; ++x) tmax = fmaxf(tmax, acc[s >> 1][n][2 * (s & 1) + x]);
+  tmax = fmaxf(tmax, __shfl_xor_sync(0xffffffffu, tmax, 1));
+  return fmaxf(tmax, __shfl_xor_sync(0xffffffffu, tmax, 2));
+}
+
 // The softmax sums of one 64-key tile from the scores of kM16 m16 row tiles of a warp:
 // acc[mt][n][2 hf + x] is row slot s = 2 mt + hf (row row0 + 8 s + g), key kt + 8 n + 2 t4 + x.
 // Updates the rows' references and sums; at the end of a key block stores the block's
@@ -163,13 +175,7 @@ __device__ __forceinline__ void rep_tile_sums(float (&acc)[kM16][8][4], RepRows<
   if (__any_sync(0xffffffffu, no_ref)) {
 #pragma unroll
     for (int s = 0; s < kSlots; ++s) {
-      float tmax = -INFINITY;
-#pragma unroll
-      for (int n = 0; n < 8; ++n)
-#pragma unroll
-        for (int x = 0; x < 2; ++x) tmax = fmaxf(tmax, acc[s >> 1][n][2 * (s & 1) + x]);
-      tmax = fmaxf(tmax, __shfl_xor_sync(0xffffffffu, tmax, 1));
-      tmax = fmaxf(tmax, __shfl_xor_sync(0xffffffffu, tmax, 2));
+      const float tmax = rep_row_max<kM16>(acc, s);
       if (st.m_ref[s] == -INFINITY) st.m_ref[s] = tmax * scale_log2;  // (sums are 0 while -inf)
     }
   }
@@ -227,13 +233,7 @@ __device__ __forceinline__ void rep_tile_sums(float (&acc)[kM16][8][4], RepRows<
   } else {  // exact path: the tile's row max becomes the reference (rare, warp-uniform)
 #pragma unroll
     for (int s = 0; s < kSlots; ++s) {
-      float tmax = -INFINITY;
-#pragma unroll
-      for (int n = 0; n < 8; ++n)
-#pragma unroll
-        for (int x = 0; x < 2; ++x) tmax = fmaxf(tmax, acc[s >> 1][n][2 * (s & 1) + x]);
-      tmax = fmaxf(tmax, __shfl_xor_sync(0xffffffffu, tmax, 1));
-      tmax = fmaxf(tmax, __shfl_xor_sync(0xffffffffu, tmax, 2));
+      const float tmax = rep_row_max<kM16>(acc, s);
       const float m_new = fmaxf(st.m_ref[s], tmax * scale_log2);
       const float use = m_new == -INFINITY ? 0.f : m_new;
       if (st.m_ref[s] != -INFINITY) {  // earlier sums were against m_ref (else they are 0)
@@ -581,7 +581,6 @@ cudaError_t launch_rep(const RepParams& p, int batch, cudaStream_t stream) {
 struct RepConfig {
   int sm90 = 0;  // RepParams::sm90
   int heads_per_cta = 1;
-  int threads = 0;
   int ctas_per_sm = 1;  // resident CTAs per SM (the plan's split rule)
 };
 RepConfig rep_config(const cudaDeviceProp& prop, int head_dim, int m, int group);
