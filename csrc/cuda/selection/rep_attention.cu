@@ -28,6 +28,39 @@ cudaError_t launch_dim(const RepParams& p, int batch, bool is_bf16, cudaStream_t
 
 }  // namespace
 
+cudaError_t make_k_tensor_map(CUtensorMap* map, const RepParams& p, int batch, int head_dim) {
+  using Encode = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*, const cuuint64_t*,
+                              const cuuint64_t*, const cuuint32_t*, const cuuint32_t*, CUtensorMapInterleave,
+                              CUtensorMapSwizzle, CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
+  static const Encode encode = [] {
+    void* fn = nullptr;
+    cudaDriverEntryPointQueryResult status;
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault, &status) !=
+            cudaSuccess ||
+        status != cudaDriverEntryPointSuccess)
+      fn = nullptr;
+    return reinterpret_cast<Encode>(fn);
+  }();
+  if (encode == nullptr) return cudaErrorNotSupported;
+  // dims innermost first: D, keys, kv heads, batch; strides in bytes (a dim of extent 1 gets
+  // any valid stride: it is never stepped).
+  const cuuint64_t dims[4] = {static_cast<cuuint64_t>(head_dim), static_cast<cuuint64_t>(p.seqlen_k),
+                              static_cast<cuuint64_t>(p.heads_kv), static_cast<cuuint64_t>(batch)};
+  const int64_t raw[3] = {p.k_row_stride, p.k_head_stride, p.k_batch_stride};
+  cuuint64_t strides[3];
+  for (int i = 0; i < 3; ++i) {
+    const int64_t bytes = raw[i] * 2;
+    strides[i] = dims[i + 1] == 1 ? 16 : static_cast<cuuint64_t>(bytes);
+    if (dims[i + 1] != 1 && (bytes <= 0 || bytes % 16 != 0)) return cudaErrorInvalidValue;
+  }
+  const cuuint32_t box[4] = {64, static_cast<cuuint32_t>(kTileKeys), 1, 1};
+  const cuuint32_t elem[4] = {1, 1, 1, 1};
+  const CUresult r = encode(map, CU_TENSOR_MAP_DATA_TYPE_UINT16, 4, const_cast<uint16_t*>(p.k), dims, strides, box,
+                            elem, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+                            CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  return r == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;
+}
+
 RepConfig rep_config(const cudaDeviceProp& prop, int head_dim, int m, int group) {
   RepConfig c;
 #if defined(FLEXPREFILL_SM90A)

@@ -67,7 +67,7 @@ constexpr int rep_pool_part_floats(int threads, int D) { return 2 * (threads > D
 
 // Shared-memory layout (bytes), the same on host and device.
 struct RepSmem {
-  int q_off, k_off, pool_off, total;
+  int q_off, k_off, pool_off, bar_off, total;  // (bar_off: the Hopper kernel's mbarriers)
 };
 
 __host__ __device__ inline int rep_row_stride(int D) { return D + 8; }  // +16 B: no ldmatrix conflicts

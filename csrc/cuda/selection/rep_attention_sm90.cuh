@@ -4,13 +4,15 @@
 // One CTA = heads_per_cta query heads of one GQA group x one split of split_keys keys, as the
 // portable kernel. Per 64-key tile every warpgroup issues D / 16 asynchronous m64n64k16 wgmma
 // per m64 row tile, reading the K tile straight from shared memory (128-byte swizzle,
-// cp.async ring shared by the CTA's heads) while its threads pool K; then the softmax sums,
+// ring filled by TMA and shared by the CTA's heads) while its threads pool K; then the softmax sums,
 // records and pooling are the shared code of rep_attention.cuh. Against the mma.sync kernel
 // this removes the per-warp ldmatrix traffic and the MMA issue slots of every tile. Two
 // shapes (RepSm90Shape): 32 rows a warp (two m64 tiles a warpgroup, Q̂ by descriptor,
 // two CTAs per SM) up to D = 128 with m a multiple of 128; else 16 rows a warp (one CTA
 // per SM; Q̂ fragments in registers up to D = 128, by descriptor at D = 256).
 #pragma once
+
+#include <cuda.h>
 
 #include "cuda/ptx_sm90.cuh"
 #include "cuda/selection/rep_attention.cuh"
@@ -31,7 +33,7 @@ struct RepSm90Shape {
 constexpr int rep_sm90_stages(int D, int m16) { return m16 == 2 ? (D <= 64 ? 4 : 2) : (D <= 128 ? 4 : 2); }
 
 // The launch shapes the kernel supports: whole warpgroups of 64 kM16 rows, and a CTA whose
-// K-tile copies give every thread rows 8 apart (threads / (D / 8) a multiple of 8).
+// Q̂ copies give every thread rows 8 apart (threads / (D / 8) a multiple of 8).
 inline bool rep_sm90_ok(int D, int m, int heads_per_cta, int m16) {
   const int threads = m * heads_per_cta * 2 / m16;
   const int max_threads = m16 == 2 ? RepSm90Shape<2>::kMaxThreads : RepSm90Shape<1>::kMaxThreads;
@@ -39,21 +41,22 @@ inline bool rep_sm90_ok(int D, int m, int heads_per_cta, int m16) {
 }
 
 // Shared memory from the first 1024-byte boundary of the dynamic allocation (1 KB of slack):
-// the K ring (1024-byte aligned tiles), then Q̂ [atoms][hpc m rows][128 B] (swizzled), then
-// the pooling partials.
+// the K ring (1024-byte aligned tiles), then Q̂ [atoms][hpc m rows][128 B] (swizzled), the
+// pooling partials and the ring's mbarriers.
 __host__ __device__ inline RepSmem rep_sm90_smem_layout(int D, int m, int heads_per_cta, int m16) {
   RepSmem s;
   s.k_off = 0;
   s.q_off = rep_sm90_stages(D, m16) * kTileKeys * D * 2;
   s.pool_off = s.q_off + heads_per_cta * m * D * 2;
   const int max_threads = m16 == 2 ? RepSm90Shape<2>::kMaxThreads : RepSm90Shape<1>::kMaxThreads;
-  s.total = s.pool_off + 2 * rep_pool_part_floats(max_threads, D) * 4 + 1024;
+  s.bar_off = s.pool_off + 2 * rep_pool_part_floats(max_threads, D) * 4;  // one mbarrier per stage
+  s.total = s.bar_off + rep_sm90_stages(D, m16) * 8 + 1024;
   return s;
 }
 
 template <bool kBf16, int kD, int kM16>
 __global__ void __launch_bounds__(RepSm90Shape<kM16>::kMaxThreads, RepSm90Shape<kM16>::kCtasPerSm)
-    rep_kernel_sm90(const RepParams p) {
+    rep_kernel_sm90(const RepParams p, const __grid_constant__ CUtensorMap tmap_k) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using Element = std::conditional_t<kBf16, __nv_bfloat16, __half>;
   using Mma = sm90::Wgmma64x64<Element>;
@@ -112,31 +115,25 @@ __global__ void __launch_bounds__(RepSm90Shape<kM16>::kMaxThreads, RepSm90Shape<
         cp_async_16(qs_addr + sm90::sw128_offset(q_slot(hl * m + r), cchunk, qrows), src);
     }
   }
-  const uint16_t* kg = p.k + b * p.k_batch_stride + hk * p.k_head_stride + cchunk * 8;
-  const int64_t kstep = static_cast<int64_t>(rstep) * p.k_row_stride;
-  // rstep % 8 == 0 (rep_sm90_ok): the thread's rows share r % 8, so its shared offsets are
-  // one base plus multiples of rstep rows.
-  const uint32_t k_off0 = sm90::sw128_offset(r0, cchunk, kTileKeys);
-  const uint32_t dstep = rstep * 128;
+  cp_async_commit();  // Q̂
+  // K tiles by TMA (tmap_k: boxes of 64 keys x 64 values, 128-byte swizzle, zeros past the
+  // sequence): thread 0 issues D / 64 boxes per tile onto the stage's mbarrier.
+  const uint32_t bar0 = smem_u32(smem + L.bar_off);
   auto load_k = [&](int tile, int buf) {
-    const int kt = ks + tile * kTileKeys;
-    const uint16_t* src = kg + static_cast<int64_t>(kt + r0) * p.k_row_stride;
-    uint32_t d = ks_addr + buf * kTileBytes + k_off0;
-    const int rows_left = ke - kt;
-    if (rows_left >= kTileKeys) {  // a whole tile
-#pragma unroll 2
-      for (int r = r0; r < kTileKeys; r += rstep, src += kstep, d += dstep) cp_async_16(d, src);
-    } else {
-      for (int r = r0; r < kTileKeys; r += rstep, src += kstep, d += dstep) {
-        const bool ok = r < rows_left;
-        cp_async_16(d, ok ? src : kg, ok);
-      }
-    }
-  };
+    const uint32_t bar = bar0 + buf * 8;
+    sm90::mbar_arrive_expect_tx(bar, kTileBytes);
 #pragma unroll
-  for (int s = 0; s < kStages - 1; ++s) {
-    if (s < ntile) load_k(s, s);
-    cp_async_commit();  // group s (the first one also holds Q̂)
+    for (int a = 0; a < kD / 64; ++a)
+      sm90::tma_load_4d(ks_addr + buf * kTileBytes + a * (kTileKeys * 128), &tmap_k, bar, a * 64,
+                        ks + tile * kTileKeys, hk, b);
+  };
+  if (tid == 0) {
+    for (int s = 0; s < kStages; ++s) sm90::mbar_init(bar0 + s * 8, 1);
+    sm90::mbar_init_fence();
+  }
+  __syncthreads();
+  if (tid == 0) {
+    for (int s = 0; s < kStages - 1 && s < ntile; ++s) load_k(s, s);
   }
 
   const int64_t head = static_cast<int64_t>(b) * p.heads_q + h;
@@ -146,7 +143,7 @@ __global__ void __launch_bounds__(RepSm90Shape<kM16>::kMaxThreads, RepSm90Shape<
   RepKPool<kBf16, kD, Shape::kMaxThreads, Shape::kMinThreads> pool;
   pool.init(tid, nthreads, group, hpc, h_first);
 
-  cp_async_wait<kStages - 2>();  // Q̂ and tile 0 have landed (for this thread)
+  cp_async_wait<0>();  // Q̂ has landed (for this thread)
   sm90::fence_proxy_async_smem();
   __syncthreads();
   if (split == 0) {  // mean(Q̂) of the CTA's heads: thread per (head, dim), rows in order
@@ -184,17 +181,13 @@ __global__ void __launch_bounds__(RepSm90Shape<kM16>::kMaxThreads, RepSm90Shape<
   };
 
   for (int tile = 0; tile < ntile; ++tile) {
-    if (tile > 0) {
-      cp_async_wait<kStages - 2>();
-      sm90::fence_proxy_async_smem();
-      __syncthreads();  // tile `tile` landed for all; everyone is done with tile - 1's buffer
-    }
-    {
+    if (tile > 0) __syncthreads();  // everyone is done with tile - 1's buffer
+    if (tid == 0) {
       const int nt = tile + kStages - 1;
       if (nt < ntile) load_k(nt, nt % kStages);
-      cp_async_commit();
     }
     const int buf = tile % kStages;
+    sm90::mbar_wait(bar0 + buf * 8, (tile / kStages) & 1);  // tile `tile` has landed
     RepTile tl;
     tl.kt = ks + tile * kTileKeys;
     const int c = tl.kt >> bs_shift;
@@ -254,6 +247,10 @@ __global__ void __launch_bounds__(RepSm90Shape<kM16>::kMaxThreads, RepSm90Shape<
 #endif
 }
 
+// The TMA descriptor of K [B, Nk, Hkv, D] (rep_attention.cu): boxes of 64 keys x 64 values
+// with the 128-byte swizzle. cudaErrorInvalidValue when the driver refuses the strides.
+cudaError_t make_k_tensor_map(CUtensorMap* map, const RepParams& p, int batch, int head_dim);
+
 template <bool kBf16, int kD, int kM16>
 cudaError_t launch_rep_sm90(const RepParams& p, int batch, cudaStream_t stream) {
   const RepSmem L = rep_sm90_smem_layout(kD, p.rows, p.heads_per_cta, kM16);
@@ -261,8 +258,11 @@ cudaError_t launch_rep_sm90(const RepParams& p, int batch, cudaStream_t stream) 
   static std::atomic<uint64_t> raised{0};
   cudaError_t err = raise_smem_limit_once(reinterpret_cast<const void*>(kernel), raised);
   if (err != cudaSuccess) return err;
+  CUtensorMap tmap;
+  err = make_k_tensor_map(&tmap, p, batch, kD);
+  if (err != cudaSuccess) return err;
   dim3 grid(p.heads_q / p.heads_per_cta, p.num_splits, batch);
-  kernel<<<grid, 2 * p.rows * p.heads_per_cta / kM16, L.total, stream>>>(p);
+  kernel<<<grid, 2 * p.rows * p.heads_per_cta / kM16, L.total, stream>>>(p, tmap);
   return cudaGetLastError();
 }
 

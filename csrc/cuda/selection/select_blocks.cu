@@ -24,10 +24,12 @@ namespace {
 using selection::SelectBuffers;
 using selection::SelectPlan;
 
-// The tensor-core passes copy 16-byte chunks of rows: the base and the strides must allow it.
+// The tensor-core passes copy 16-byte chunks of rows (and the Hopper one reads K through a
+// TMA descriptor, which refuses zero strides): the base and the strides must allow it.
 bool rows_16b_aligned(const at::Tensor& t) {
-  return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0 && t.stride(0) % 8 == 0 && t.stride(1) % 8 == 0 &&
-         t.stride(2) % 8 == 0;
+  for (int d = 0; d < 3; ++d)
+    if (t.stride(d) % 8 != 0 || (t.size(d) > 1 && t.stride(d) == 0)) return false;
+  return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
 }
 
 // The rep kernel and its launch shape on the current device (m representative rows).
