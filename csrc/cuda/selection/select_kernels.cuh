@@ -252,7 +252,7 @@ __global__ void __launch_bounds__(kSelectThreads) finish_kernel(const SelectPara
 
 // Step 5's pool(Q) for the query-aware heads of a wave [head0, head0 + heads_per_wave):
 // poolq[hw, r, :] = fp32 mean of the queries of block r. Thread -> 16-byte chunk of a row
-// and a row group (rows gi, gi + groups, ...: up to 8 loads in flight), then the groups
+// and a row group (rows gi, gi + groups, ...: 8 loads in flight), then the groups
 // combine in shared memory (fixed order). grid (NBq, heads_per_wave), kQaPoolThreads.
 // With qa_zero (the multi-CTA selection) the CTAs of a head also clear its bitmask words
 // (qa_words) and its radix state in `radix` (every head of the wave, query-aware or not).
@@ -292,15 +292,14 @@ __global__ void __launch_bounds__(kQaPoolThreads) qa_pool_kernel(const SelectPar
     const auto* src = static_cast<const uint16_t*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride +
                       (row0 + gi) * p.q_row_stride + c8 * 8;
     const int64_t step = groups * p.q_row_stride;
-    int i = gi;
-    for (; i + 7 * groups < count; i += 8 * groups, src += 8 * step) {
+    for (int i = gi; i < count; i += 8 * groups, src += 8 * step) {  // rows past count load zeros
       uint4 v[8];
 #pragma unroll
-      for (int u = 0; u < 8; ++u) v[u] = __ldg(reinterpret_cast<const uint4*>(src + u * step));
+      for (int u = 0; u < 8; ++u)
+        v[u] = i + u * groups < count ? __ldg(reinterpret_cast<const uint4*>(src + u * step)) : make_uint4(0, 0, 0, 0);
 #pragma unroll
       for (int u = 0; u < 8; ++u) add(v[u]);
     }
-    for (; i < count; i += groups, src += step) add(__ldg(reinterpret_cast<const uint4*>(src)));
 #pragma unroll
     for (int e = 0; e < 8; ++e) part[gi * D + c8 * 8 + e] = acc[e];
   }
@@ -404,131 +403,162 @@ __device__ inline void radix_decide(RadixSmem& sm, GridRadixState* st, int level
 // Step 5's estimate, per wave of heads, for the query-aware heads: est[hw, r, :] =
 // softmax over the causal key blocks of s pool(Q)[r] . pool(K) / NBq, zeros elsewhere (the
 // reference's masked softmax, flattened over the head). One CTA = kQaRows query blocks of
-// one head: the logits against every causal key block (8 lanes per key block, all rows at
-// once), then the row softmax (float exponentials, double sums in a fixed order).
+// one head: a register-tiled fp32 product against the causal key blocks, kQaKeys of them at
+// a time. Warp w owns the rows 8 (w % 4) .. + 8 and the keys 128 (w / 4) + lane + 32 j
+// (j < 4) of a chunk; D passes through shared memory in slices of kQaSlice values (the
+// next slice loads into registers while the current one is used), each dot product summed
+// over d in order. Then the row softmax: float exponentials, double sums in a fixed order
+// (a thread's keys in order, the lanes, then the row's two warps). With one chunk (NBk <=
+// kQaKeys) the logits stay in registers; otherwise they pass through est.
 // grid (ceil(NBq / kQaRows), heads_per_wave), kQaThreads threads.
-constexpr int kQaRows = 4;
-constexpr int kQaThreads = 256;
-__global__ void __launch_bounds__(kQaThreads, 3) qa_estimate_kernel(const SelectParams p, int64_t head0,
+constexpr int kQaRows = 32, kQaKeys = 256, kQaSlice = 32, kQaThreads = 256;
+constexpr int kQaStride = kQaSlice + 4;  // padded rows: 16-byte reads of 8 rows in a row hit distinct banks
+__global__ void __launch_bounds__(kQaThreads, 2) qa_estimate_kernel(const SelectParams p, int64_t head0,
                                                                   const bool* query_aware, const float* pool_k,
                                                                   const float* poolq, float* est) {
   pdl_grid_sync();
-  __shared__ __align__(16) float pq[kQaRows][256];  // pooled queries of the CTA's blocks
-  __shared__ float red_f[kQaRows][kQaThreads / 32];
-  __shared__ double red_d[kQaRows][kQaThreads / 32];
+  __shared__ __align__(16) float ks[kQaKeys][kQaStride];  // a slice of the chunk's pooled keys
+  __shared__ __align__(16) float qs[kQaRows][kQaStride];  // the same slice of the pooled queries
+  __shared__ float red_f[kQaRows][2];
+  __shared__ double red_d[kQaRows][2];
   const int64_t hw = blockIdx.y, head = head0 + hw;
   if (head >= p.batch * p.heads_q || !query_aware[head]) return;
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, half = warp >> 2, row0 = 8 * (warp & 3);
   const int64_t b = head / p.heads_q, h = head - b * p.heads_q, hk = h / (p.heads_q / p.heads_kv);
   const int64_t NBq = p.num_q_blocks, NBk = p.num_k_blocks, bs = p.block_size;
   const int D = static_cast<int>(p.head_dim);
   const int64_t r0 = static_cast<int64_t>(blockIdx.x) * kQaRows;
   const int nrows = static_cast<int>(NBq - r0 < kQaRows ? NBq - r0 : kQaRows);
-  {
-    const float* src = poolq + (hw * NBq + r0) * D;
-    for (int rr = 0; rr < nrows; ++rr)
-      for (int d = tid; d < D; d += kQaThreads) pq[rr][d] = src[rr * D + d];
-    __syncthreads();
-  }
-
-  // Logits: 8 lanes -> key blocks; all the CTA's rows at once.
-  int chi[kQaRows];
+  // Last causal key block of each of the warp's rows (-1: no such row): r + first for a whole
+  // block r (first = the last causal block of row block 0), capped by that of the last row.
+  const int first = static_cast<int>(last_causal_block_dev(0, p.seqlen_q, p.seqlen_k, bs));
+  const int last = static_cast<int>(last_causal_block_dev(NBq - 1, p.seqlen_q, p.seqlen_k, bs));
+  int chi[8];
 #pragma unroll
-  for (int rr = 0; rr < kQaRows; ++rr)
-    chi[rr] = rr < nrows ? static_cast<int>(last_causal_block_dev(r0 + rr, p.seqlen_q, p.seqlen_k, bs)) : -1;
-  const int64_t chi_max = last_causal_block_dev(r0 + nrows - 1, p.seqlen_q, p.seqlen_k, bs);  // chi grows with r
+  for (int i = 0; i < 8; ++i) chi[i] = row0 + i < nrows ? min(static_cast<int>(r0) + row0 + i + first, last) : -1;
+  const int chi_max = min(static_cast<int>(r0) + nrows - 1 + first, last);
+  const int nchunks = chi_max / kQaKeys + 1;
+  const bool in_regs = nchunks == 1;
   const float* pk = pool_k + (b * p.heads_kv + hk) * NBk * D;
-  float* e0 = est + (hw * NBq + r0) * NBk;
+  const float* pq = poolq + (hw * NBq + r0) * D;
+  float* e0 = est + (hw * NBq + r0 + row0) * NBk;  // the warp's first row
   const float scale_log2 = p.softmax_scale * 1.4426950408889634f;  // logits in log2 units
-  float mx[kQaRows];
+
+  // Slice loads: keys (c0 + f / 8, values d0 + 4 (f % 8)) for f = tid + 256 u, and query row
+  // tid / 8; zeros past chi_max and past D.
+  constexpr int kKeyF4 = kQaKeys * kQaSlice / 4 / kQaThreads;
+  float4 kreg[kKeyF4], qreg;
+  auto load = [&](int c0, int d0) {
 #pragma unroll
-  for (int rr = 0; rr < kQaRows; ++rr) mx[rr] = -INFINITY;
-  // tpc = 8 lanes share a key block: each sums every 8th float4 of the dot products (a
-  // quarter warp reads 128 contiguous bytes of a pool(K) row), then they combine in a fixed
-  // order.
-  constexpr int tpc = 8;
-  const int sub = tid % tpc;
-  for (int64_t cb = 0; cb <= chi_max; cb += kQaThreads / tpc) {  // uniform: every lane shuffles
-    const int64_t c = cb + tid / tpc;
-    const bool valid = c <= chi_max;
-    float dot[kQaRows];
+    for (int u = 0; u < kKeyF4; ++u) {
+      const int f = tid + kQaThreads * u, d = d0 + 4 * (f & 7);
+      const int c = c0 + (f >> 3);
+      kreg[u] = c <= chi_max && d < D ? __ldg(reinterpret_cast<const float4*>(pk + static_cast<int64_t>(c) * D + d))
+                                      : make_float4(0.f, 0.f, 0.f, 0.f);
+    }
+    const int qr = tid >> 3, d = d0 + 4 * (tid & 7);
+    qreg = qr < nrows && d < D ? *reinterpret_cast<const float4*>(pq + qr * D + d) : make_float4(0.f, 0.f, 0.f, 0.f);
+  };
+  auto store = [&]() {
 #pragma unroll
-    for (int rr = 0; rr < kQaRows; ++rr) dot[rr] = 0.f;
-    if (valid) {  // every load of the lane's slice of the row first, then the products
-      constexpr int kMaxF4 = 256 / 4 / tpc;  // D <= 256
-      const float4* kr = reinterpret_cast<const float4*>(pk + c * D);
-      float4 kv[kMaxF4];
+    for (int u = 0; u < kKeyF4; ++u) {
+      const int f = tid + kQaThreads * u;
+      *reinterpret_cast<float4*>(&ks[f >> 3][4 * (f & 7)]) = kreg[u];
+    }
+    *reinterpret_cast<float4*>(&qs[tid >> 3][4 * (tid & 7)]) = qreg;
+  };
+
+  float acc[8][4], mx[8];
 #pragma unroll
-      for (int j = 0; j < kMaxF4; ++j)
-        kv[j] = sub + j * tpc < D / 4 ? __ldg(kr + sub + j * tpc) : make_float4(0.f, 0.f, 0.f, 0.f);
+  for (int i = 0; i < 8; ++i) mx[i] = -INFINITY;
+  for (int ch = 0; ch < nchunks; ++ch) {
+    const int c0 = ch * kQaKeys;
 #pragma unroll
-      for (int j = 0; j < kMaxF4; ++j) {
-        const int d4 = sub + j * tpc;
-        if (d4 >= D / 4) break;
+    for (int i = 0; i < 8; ++i)
 #pragma unroll
-        for (int rr = 0; rr < kQaRows; ++rr) {
-          const float4 qv = *reinterpret_cast<const float4*>(&pq[rr][4 * d4]);
-          dot[rr] += qv.x * kv[j].x + qv.y * kv[j].y + qv.z * kv[j].z + qv.w * kv[j].w;
+      for (int j = 0; j < 4; ++j) acc[i][j] = 0.f;
+    load(c0, 0);
+    for (int d0 = 0; d0 < D; d0 += kQaSlice) {
+      __syncthreads();  // the previous slice's readers are done
+      store();
+      __syncthreads();
+      if (d0 + kQaSlice < D) load(c0, d0 + kQaSlice);
+#pragma unroll
+      for (int d4 = 0; d4 < kQaSlice / 4; ++d4) {
+        float4 kv[4];
+#pragma unroll
+        for (int j = 0; j < 4; ++j) kv[j] = *reinterpret_cast<const float4*>(&ks[128 * half + lane + 32 * j][4 * d4]);
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+          const float4 qv = *reinterpret_cast<const float4*>(&qs[row0 + i][4 * d4]);
+#pragma unroll
+          for (int j = 0; j < 4; ++j) {
+            acc[i][j] = fmaf(qv.x, kv[j].x, acc[i][j]);
+            acc[i][j] = fmaf(qv.y, kv[j].y, acc[i][j]);
+            acc[i][j] = fmaf(qv.z, kv[j].z, acc[i][j]);
+            acc[i][j] = fmaf(qv.w, kv[j].w, acc[i][j]);
+          }
         }
       }
     }
-    for (int o = 1; o < tpc; o <<= 1)
 #pragma unroll
-      for (int rr = 0; rr < kQaRows; ++rr) dot[rr] += __shfl_xor_sync(0xffffffffu, dot[rr], o);
-    if (valid && sub == 0) {
+    for (int i = 0; i < 8; ++i)
 #pragma unroll
-      for (int rr = 0; rr < kQaRows; ++rr)
-        if (c <= chi[rr]) {
-          const float x = dot[rr] * scale_log2;
-          e0[rr * NBk + c] = x;
-          mx[rr] = fmaxf(mx[rr], x);
+      for (int j = 0; j < 4; ++j) {
+        const int c = c0 + 128 * half + lane + 32 * j;
+        acc[i][j] *= scale_log2;
+        if (c <= chi[i]) {
+          mx[i] = fmaxf(mx[i], acc[i][j]);
+          if (!in_regs) e0[i * NBk + c] = acc[i][j];
         }
-    }
-  }
-  // Row maxima; the exponentials replace the logits, summed in double (fixed order: lanes,
-  // then warps); then the normalisation.
-#pragma unroll
-  for (int rr = 0; rr < kQaRows; ++rr) {
-    const float v = warp_max(mx[rr]);
-    if (lane == 0) red_f[rr][warp] = v;
-  }
-  __syncthreads();  // also orders the logit writes before the reads below (other lanes' entries)
-#pragma unroll
-  for (int rr = 0; rr < kQaRows; ++rr) {
-    float v = -INFINITY;
-    for (int w = 0; w < kQaThreads / 32; ++w) v = fmaxf(v, red_f[rr][w]);
-    mx[rr] = v;
-  }
-  double z[kQaRows];
-#pragma unroll
-  for (int rr = 0; rr < kQaRows; ++rr) z[rr] = 0.0;
-  for (int64_t c = tid; c <= chi_max; c += kQaThreads) {
-#pragma unroll
-    for (int rr = 0; rr < kQaRows; ++rr)
-      if (c <= chi[rr]) {
-        const float ex = exp2f(e0[rr * NBk + c] - mx[rr]);
-        e0[rr * NBk + c] = ex;
-        z[rr] += ex;
       }
   }
+  // Row maxima over the row's two warps.
 #pragma unroll
-  for (int rr = 0; rr < kQaRows; ++rr) {
-    const double v = warp_sum(z[rr]);
-    if (lane == 0) red_d[rr][warp] = v;
+  for (int i = 0; i < 8; ++i) {
+    const float v = warp_max(mx[i]);
+    if (lane == 0) red_f[row0 + i][half] = v;
   }
   __syncthreads();
-  float zf[kQaRows];
 #pragma unroll
-  for (int rr = 0; rr < kQaRows; ++rr) {
-    double v = 0.0;
-    for (int w = 0; w < kQaThreads / 32; ++w) v += red_d[rr][w];
-    zf[rr] = static_cast<float>(1.0 / (v * static_cast<double>(NBq)));
-  }
-  for (int64_t c = tid; c < NBk; c += kQaThreads) {
+  for (int i = 0; i < 8; ++i) mx[i] = fmaxf(red_f[row0 + i][0], red_f[row0 + i][1]);
+  // Exponentials (each thread rereads only what it wrote) and their sums.
+  double z[8];
 #pragma unroll
-    for (int rr = 0; rr < kQaRows; ++rr)
-      if (rr < nrows) e0[rr * NBk + c] = c <= chi[rr] ? e0[rr * NBk + c] * zf[rr] : 0.f;
+  for (int i = 0; i < 8; ++i) z[i] = 0.0;
+  for (int ch = 0; ch < nchunks; ++ch)
+#pragma unroll
+    for (int i = 0; i < 8; ++i)
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const int c = ch * kQaKeys + 128 * half + lane + 32 * j;
+        if (c <= chi[i]) {
+          const float ex = exp2f((in_regs ? acc[i][j] : e0[i * NBk + c]) - mx[i]);
+          if (in_regs) acc[i][j] = ex; else e0[i * NBk + c] = ex;
+          z[i] += ex;
+        }
+      }
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    const double v = warp_sum(z[i]);
+    if (lane == 0) red_d[row0 + i][half] = v;
   }
+  __syncthreads();
+  float zf[8];
+#pragma unroll
+  for (int i = 0; i < 8; ++i)
+    zf[i] = static_cast<float>(1.0 / ((red_d[row0 + i][0] + red_d[row0 + i][1]) * static_cast<double>(NBq)));
+  // Normalised probabilities; zeros past each row's causal blocks.
+  for (int c0 = 0; c0 < NBk; c0 += kQaKeys)
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      if (row0 + i >= nrows) break;
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const int c = c0 + 128 * half + lane + 32 * j;
+        if (c < NBk) e0[i * NBk + c] = c <= chi[i] ? (in_regs ? acc[i][j] : e0[i * NBk + c]) * zf[i] : 0.f;
+      }
+    }
 }
 
 // The fewest estimated blocks reaching gamma (at most the causal ones) of one head by one
