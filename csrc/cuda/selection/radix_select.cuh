@@ -63,13 +63,15 @@ __device__ __forceinline__ void atomic_add_u64_split(uint32_t* lo, uint32_t* hi,
   if (vhi) atomicAdd(hi, vhi);
 }
 
-// Histogram of the items x[begin, end) whose bits match `prefix` under `pmask`, by digit
-// (bits >> shift) & dmask. Every lane adds its own item with shared-memory atomics (count,
-// and the 62-bit fixed-point mass as a low word whose carries go to the high word); a warp
-// whose items all fall in one bucket adds them once (full-mask reductions). No match_any:
-// reductions over a divergent peer mask compile to a loop over the groups.
-__device__ inline void radix_histogram(const float* x, uint32_t begin, uint32_t end, uint32_t prefix,
-                                       uint32_t pmask, int shift, uint32_t dmask, bool with_mass, RadixSmem& sm) {
+// Histogram of items whose bits match `prefix` under `pmask`, by digit (bits >> shift) &
+// dmask. Every lane adds its own item with shared-memory atomics (count, and the 62-bit
+// fixed-point mass as a low word whose carries go to the high word); a warp whose items all
+// fall in one bucket adds them once (full-mask reductions). No match_any: reductions over a
+// divergent peer mask compile to a loop over the groups. Exact zeros (masked entries) are
+// counted apart in `zeros` (per thread) and land in bucket 0 at radix_hist_end.
+// radix_hist_begin / radix_add for each item / radix_hist_end; radix_add is warp-collective
+// (every lane calls it; `valid` false for a lane without an item).
+__device__ inline void radix_hist_begin(RadixSmem& sm) {
   for (int b = threadIdx.x; b < kRadixBuckets; b += blockDim.x) {
     sm.cnt[b] = 0;
     sm.mlo[b] = 0;
@@ -80,8 +82,53 @@ __device__ inline void radix_histogram(const float* x, uint32_t begin, uint32_t 
     sm.found = 0;
   }
   __syncthreads();
-  const int lane = threadIdx.x & 31;
+}
+__device__ __forceinline__ void radix_add(uint32_t bits, bool valid, uint32_t prefix, uint32_t pmask, int shift,
+                                          uint32_t dmask, bool with_mass, RadixSmem& sm, uint32_t& zeros) {
   constexpr uint32_t kNone = 0xffffffffu;
+  const int lane = threadIdx.x & 31;
+  uint32_t key = kNone;
+  if (valid && (bits & pmask) == prefix) {
+    if (bits == 0) ++zeros;
+    else key = (bits >> shift) & dmask;
+  }
+  const uint32_t key0 = __shfl_sync(0xffffffffu, key, 0);
+  if (__all_sync(0xffffffffu, key == key0)) {  // one bucket (or none) for the whole warp
+    if (key0 == kNone) return;
+    if (with_mass) {  // sums of 32 values of 21 bits fit in 32 bits
+      const unsigned long long uf = to_fixed(bits);
+      const uint32_t l0 = __reduce_add_sync(0xffffffffu, static_cast<uint32_t>(uf & 0x1fffffu));
+      const uint32_t l1 = __reduce_add_sync(0xffffffffu, static_cast<uint32_t>((uf >> 21) & 0x1fffffu));
+      const uint32_t l2 = __reduce_add_sync(0xffffffffu, static_cast<uint32_t>(uf >> 42));
+      if (lane == 0) {
+        const unsigned long long total = static_cast<unsigned long long>(l0) +
+                                         (static_cast<unsigned long long>(l1) << 21) +
+                                         (static_cast<unsigned long long>(l2) << 42);
+        atomicAdd(&sm.cnt[key], 32u);
+        atomic_add_u64_split(&sm.mlo[key], &sm.mhi[key], total);
+      }
+    } else if (lane == 0) {
+      atomicAdd(&sm.cnt[key], 32u);
+    }
+    return;
+  }
+  if (key == kNone) return;
+  atomicAdd(&sm.cnt[key], 1u);
+  if (with_mass) atomic_add_u64_split(&sm.mlo[key], &sm.mhi[key], to_fixed(bits));
+}
+__device__ inline void radix_hist_end(RadixSmem& sm, uint32_t zeros) {
+  zeros = warp_sum(zeros);
+  if ((threadIdx.x & 31) == 0 && zeros) atomicAdd(&sm.zero_cnt, zeros);
+  __syncthreads();
+  if (threadIdx.x == 0) sm.cnt[0] += sm.zero_cnt;  // zero bits only match when prefix == 0
+  __syncthreads();
+}
+
+// The histogram of x[begin, end).
+__device__ inline void radix_histogram(const float* x, uint32_t begin, uint32_t end, uint32_t prefix,
+                                       uint32_t pmask, int shift, uint32_t dmask, bool with_mass, RadixSmem& sm) {
+  radix_hist_begin(sm);
+  const int lane = threadIdx.x & 31;
   uint32_t zeros = 0;
   // kBatch items per lane loaded before any is processed (memory-level parallelism).
   constexpr int kBatch = 8;
@@ -96,43 +143,10 @@ __device__ inline void radix_histogram(const float* x, uint32_t begin, uint32_t 
 #pragma unroll
     for (int u = 0; u < kBatch; ++u) {
       if (base + u * stride >= end) break;  // warp-uniform
-      const uint32_t i = base + u * stride + lane;
-      uint32_t key = kNone;
-      const uint32_t bits = bits_b[u];
-      if (i < end && (bits & pmask) == prefix) {
-        if (bits == 0) ++zeros;  // many exact zeros (masked entries): counted apart
-        else key = (bits >> shift) & dmask;
-      }
-      const uint32_t key0 = __shfl_sync(0xffffffffu, key, 0);
-      if (__all_sync(0xffffffffu, key == key0)) {  // one bucket (or none) for the whole warp
-        if (key0 == kNone) continue;
-        if (with_mass) {  // sums of 32 values of 21 bits fit in 32 bits
-          const unsigned long long uf = to_fixed(bits);
-          const uint32_t l0 = __reduce_add_sync(0xffffffffu, static_cast<uint32_t>(uf & 0x1fffffu));
-          const uint32_t l1 = __reduce_add_sync(0xffffffffu, static_cast<uint32_t>((uf >> 21) & 0x1fffffu));
-          const uint32_t l2 = __reduce_add_sync(0xffffffffu, static_cast<uint32_t>(uf >> 42));
-          if (lane == 0) {
-            const unsigned long long total = static_cast<unsigned long long>(l0) +
-                                             (static_cast<unsigned long long>(l1) << 21) +
-                                             (static_cast<unsigned long long>(l2) << 42);
-            atomicAdd(&sm.cnt[key], 32u);
-            atomic_add_u64_split(&sm.mlo[key], &sm.mhi[key], total);
-          }
-        } else if (lane == 0) {
-          atomicAdd(&sm.cnt[key], 32u);
-        }
-        continue;
-      }
-      if (key == kNone) continue;
-      atomicAdd(&sm.cnt[key], 1u);
-      if (with_mass) atomic_add_u64_split(&sm.mlo[key], &sm.mhi[key], to_fixed(bits));
+      radix_add(bits_b[u], base + u * stride + lane < end, prefix, pmask, shift, dmask, with_mass, sm, zeros);
     }
   }
-  zeros = warp_sum(zeros);
-  if (lane == 0 && zeros) atomicAdd(&sm.zero_cnt, zeros);
-  __syncthreads();
-  if (threadIdx.x == 0) sm.cnt[0] += sm.zero_cnt;  // zero bits only match when prefix == 0
-  __syncthreads();
+  radix_hist_end(sm, zeros);
 }
 
 // Inclusive prefix sums over the lanes of a (count, mass) pair.

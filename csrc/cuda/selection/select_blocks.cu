@@ -200,7 +200,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> select_blocks_cuda(const at::Tens
         C10_CUDA_KERNEL_LAUNCH_CHECK();
         continue;
       }
-      for (int level = 0; level < 3; ++level) {
+      for (int level = 1; level < 3; ++level) {  // level 0 ran in qa_estimate
         C10_CUDA_CHECK(selection::launch_qa_radix_level(p, plan, w, head0, level, stream));
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       }

@@ -250,6 +250,30 @@ __global__ void __launch_bounds__(kSelectThreads) finish_kernel(const SelectPara
   }
 }
 
+// The query-aware heads of a wave run on the lowest CTA indices: CTA row y of a step-5 kernel
+// serves the wave's y-th query-aware head (heads in index order), so their CTAs spread over
+// the SMs first instead of sharing SMs with CTAs that exit at once. Returns that head's
+// index in the wave (hw), or -1 past the wave's query-aware heads. Every thread of the CTA
+// calls it (one barrier).
+__device__ __forceinline__ int64_t query_aware_slot(const SelectParams& p, const bool* query_aware, int64_t head0,
+                                                    int64_t heads_per_wave, int64_t rank) {
+  __shared__ int64_t slot;
+  if (threadIdx.x < 32) {
+    const int lane = threadIdx.x;
+    const int64_t n = min(heads_per_wave, p.batch * p.heads_q - head0);
+    int64_t seen = 0, hit = -1;
+    for (int64_t base = 0; base < n && hit < 0; base += 32) {
+      const unsigned m = __ballot_sync(0xffffffffu, base + lane < n && query_aware[head0 + base + lane]);
+      const int c = __popc(m);
+      if (rank < seen + c) hit = base + __fns(m, 0, static_cast<int>(rank - seen) + 1);
+      seen += c;
+    }
+    if (lane == 0) slot = hit;
+  }
+  __syncthreads();
+  return slot;
+}
+
 // Step 5's pool(Q) for the query-aware heads of a wave [head0, head0 + heads_per_wave):
 // poolq[hw, r, :] = fp32 mean of the queries of block r. Thread -> 16-byte chunk of a row
 // and a row group (rows gi, gi + groups, ...: 8 loads in flight), then the groups
@@ -264,15 +288,16 @@ __global__ void __launch_bounds__(kQaPoolThreads) qa_pool_kernel(const SelectPar
                                                                  unsigned char* radix) {
   pdl_grid_sync();
   __shared__ float part[kQaPoolThreads * 8];  // [groups][D]
-  const int64_t hw = blockIdx.y, head = head0 + hw;
-  if (qa_zero != nullptr && head < p.batch * p.heads_q) {
+  if (qa_zero != nullptr && head0 + blockIdx.y < p.batch * p.heads_q) {  // by wave index, every head
+    const int64_t zh = head0 + blockIdx.y;
     const int64_t first = static_cast<int64_t>(blockIdx.x) * kQaPoolThreads + threadIdx.x;
     const int64_t stride = static_cast<int64_t>(gridDim.x) * kQaPoolThreads;
-    for (int64_t i = first; i < qa_words; i += stride) qa_zero[head * qa_words + i] = 0u;
-    uint32_t* rs = reinterpret_cast<uint32_t*>(radix + hw * kRadixStateBytes);
+    for (int64_t i = first; i < qa_words; i += stride) qa_zero[zh * qa_words + i] = 0u;
+    uint32_t* rs = reinterpret_cast<uint32_t*>(radix + blockIdx.y * kRadixStateBytes);
     for (int64_t i = first; i < static_cast<int64_t>(kRadixStateBytes / 4); i += stride) rs[i] = 0u;
   }
-  if (head >= p.batch * p.heads_q || !query_aware[head]) return;
+  const int64_t hw = query_aware_slot(p, query_aware, head0, gridDim.y, blockIdx.y), head = head0 + hw;
+  if (hw < 0) return;
   const int64_t b = head / p.heads_q, h = head - b * p.heads_q, r = blockIdx.x, bs = p.block_size;
   const int D = static_cast<int>(p.head_dim), chunks = D / 8, groups = kQaPoolThreads / chunks;
   const int tid = threadIdx.x, c8 = tid % chunks, gi = tid / chunks;
@@ -404,26 +429,34 @@ __device__ inline void radix_decide(RadixSmem& sm, GridRadixState* st, int level
 // softmax over the causal key blocks of s pool(Q)[r] . pool(K) / NBq, zeros elsewhere (the
 // reference's masked softmax, flattened over the head). One CTA = kQaRows query blocks of
 // one head: a register-tiled fp32 product against the causal key blocks, kQaKeys of them at
-// a time. Warp w owns the rows 8 (w % 4) .. + 8 and the keys 128 (w / 4) + lane + 32 j
-// (j < 4) of a chunk; D passes through shared memory in slices of kQaSlice values (the
+// a time. Warp w owns the rows 8 (w % 4) .. + 8 and the keys 64 (w / 4) + lane + 32 j
+// (j < 2) of a chunk; D passes through shared memory in slices of kQaSlice values (the
 // next slice loads into registers while the current one is used), each dot product summed
 // over d in order. Then the row softmax: float exponentials, double sums in a fixed order
-// (a thread's keys in order, the lanes, then the row's two warps). With one chunk (NBk <=
+// (a thread's keys in order, the lanes, then the row's four warps). With one chunk (NBk <=
 // kQaKeys) the logits stay in registers; otherwise they pass through est.
+// With `radix` (the multi-CTA selection) the CTAs also run level 0 of its radix descent:
+// each adds the histogram of its rows to the head's, and the last one picks the digit
+// (qa_radix_level_kernel, levels 1 and 2, follows).
 // grid (ceil(NBq / kQaRows), heads_per_wave), kQaThreads threads.
-constexpr int kQaRows = 32, kQaKeys = 256, kQaSlice = 32, kQaThreads = 256;
+constexpr int kQaRows = 32, kQaKeys = 256, kQaSlice = 32, kQaThreads = 512;
+constexpr int kQaKeyWarps = kQaThreads / 32 / 4, kQaKeysPerLane = kQaKeys / 32 / kQaKeyWarps;
 constexpr int kQaStride = kQaSlice + 4;  // padded rows: 16-byte reads of 8 rows in a row hit distinct banks
-__global__ void __launch_bounds__(kQaThreads, 2) qa_estimate_kernel(const SelectParams p, int64_t head0,
+__global__ void __launch_bounds__(kQaThreads, 1) qa_estimate_kernel(const SelectParams p, int64_t head0,
                                                                   const bool* query_aware, const float* pool_k,
-                                                                  const float* poolq, float* est) {
+                                                                  const float* poolq, float* est,
+                                                                  unsigned char* radix, uint32_t n_allowed) {
   pdl_grid_sync();
-  __shared__ __align__(16) float ks[kQaKeys][kQaStride];  // a slice of the chunk's pooled keys
+  __shared__ __align__(16) float ks[kQaKeys][kQaStride];  // a slice of the chunk's pooled keys; then RadixSmem
   __shared__ __align__(16) float qs[kQaRows][kQaStride];  // the same slice of the pooled queries
-  __shared__ float red_f[kQaRows][2];
-  __shared__ double red_d[kQaRows][2];
-  const int64_t hw = blockIdx.y, head = head0 + hw;
-  if (head >= p.batch * p.heads_q || !query_aware[head]) return;
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, half = warp >> 2, row0 = 8 * (warp & 3);
+  __shared__ float red_f[kQaRows][kQaKeyWarps];
+  __shared__ double red_d[kQaRows][kQaKeyWarps];
+  __shared__ uint32_t is_last;
+  static_assert(sizeof(ks) >= sizeof(RadixSmem), "the radix histogram reuses the key slices' memory");
+  const int64_t hw = query_aware_slot(p, query_aware, head0, gridDim.y, blockIdx.y), head = head0 + hw;
+  if (hw < 0) return;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, kw = warp >> 2, row0 = 8 * (warp & 3);
+  const int key0 = kQaKeysPerLane * 32 * kw + lane;  // the thread's first key of a chunk (then + 32 j)
   const int64_t b = head / p.heads_q, h = head - b * p.heads_q, hk = h / (p.heads_q / p.heads_kv);
   const int64_t NBq = p.num_q_blocks, NBk = p.num_k_blocks, bs = p.block_size;
   const int D = static_cast<int>(p.head_dim);
@@ -444,20 +477,21 @@ __global__ void __launch_bounds__(kQaThreads, 2) qa_estimate_kernel(const Select
   float* e0 = est + (hw * NBq + r0 + row0) * NBk;  // the warp's first row
   const float scale_log2 = p.softmax_scale * 1.4426950408889634f;  // logits in log2 units
 
-  // Slice loads: keys (c0 + f / 8, values d0 + 4 (f % 8)) for f = tid + 256 u, and query row
-  // tid / 8; zeros past chi_max and past D.
+  // Slice loads: keys (c0 + f / 8, values d0 + 4 (f % 8)) for f = tid + kQaThreads u, and
+  // query row tid / 8 (the first 256 threads); zeros past chi_max and past D.
   constexpr int kKeyF4 = kQaKeys * kQaSlice / 4 / kQaThreads;
+  constexpr int kQF4 = kQaRows * kQaSlice / 4;
   float4 kreg[kKeyF4], qreg;
   auto load = [&](int c0, int d0) {
 #pragma unroll
     for (int u = 0; u < kKeyF4; ++u) {
-      const int f = tid + kQaThreads * u, d = d0 + 4 * (f & 7);
-      const int c = c0 + (f >> 3);
+      const int f = tid + kQaThreads * u, d = d0 + 4 * (f & 7), c = c0 + (f >> 3);
       kreg[u] = c <= chi_max && d < D ? __ldg(reinterpret_cast<const float4*>(pk + static_cast<int64_t>(c) * D + d))
                                       : make_float4(0.f, 0.f, 0.f, 0.f);
     }
     const int qr = tid >> 3, d = d0 + 4 * (tid & 7);
-    qreg = qr < nrows && d < D ? *reinterpret_cast<const float4*>(pq + qr * D + d) : make_float4(0.f, 0.f, 0.f, 0.f);
+    qreg = tid < kQF4 && qr < nrows && d < D ? *reinterpret_cast<const float4*>(pq + qr * D + d)
+                                             : make_float4(0.f, 0.f, 0.f, 0.f);
   };
   auto store = [&]() {
 #pragma unroll
@@ -465,10 +499,10 @@ __global__ void __launch_bounds__(kQaThreads, 2) qa_estimate_kernel(const Select
       const int f = tid + kQaThreads * u;
       *reinterpret_cast<float4*>(&ks[f >> 3][4 * (f & 7)]) = kreg[u];
     }
-    *reinterpret_cast<float4*>(&qs[tid >> 3][4 * (tid & 7)]) = qreg;
+    if (tid < kQF4) *reinterpret_cast<float4*>(&qs[tid >> 3][4 * (tid & 7)]) = qreg;
   };
 
-  float acc[8][4], mx[8];
+  float acc[8][kQaKeysPerLane], mx[8];
 #pragma unroll
   for (int i = 0; i < 8; ++i) mx[i] = -INFINITY;
   for (int ch = 0; ch < nchunks; ++ch) {
@@ -476,7 +510,7 @@ __global__ void __launch_bounds__(kQaThreads, 2) qa_estimate_kernel(const Select
 #pragma unroll
     for (int i = 0; i < 8; ++i)
 #pragma unroll
-      for (int j = 0; j < 4; ++j) acc[i][j] = 0.f;
+      for (int j = 0; j < kQaKeysPerLane; ++j) acc[i][j] = 0.f;
     load(c0, 0);
     for (int d0 = 0; d0 < D; d0 += kQaSlice) {
       __syncthreads();  // the previous slice's readers are done
@@ -485,14 +519,14 @@ __global__ void __launch_bounds__(kQaThreads, 2) qa_estimate_kernel(const Select
       if (d0 + kQaSlice < D) load(c0, d0 + kQaSlice);
 #pragma unroll
       for (int d4 = 0; d4 < kQaSlice / 4; ++d4) {
-        float4 kv[4];
+        float4 kv[kQaKeysPerLane];
 #pragma unroll
-        for (int j = 0; j < 4; ++j) kv[j] = *reinterpret_cast<const float4*>(&ks[128 * half + lane + 32 * j][4 * d4]);
+        for (int j = 0; j < kQaKeysPerLane; ++j) kv[j] = *reinterpret_cast<const float4*>(&ks[key0 + 32 * j][4 * d4]);
 #pragma unroll
         for (int i = 0; i < 8; ++i) {
           const float4 qv = *reinterpret_cast<const float4*>(&qs[row0 + i][4 * d4]);
 #pragma unroll
-          for (int j = 0; j < 4; ++j) {
+          for (int j = 0; j < kQaKeysPerLane; ++j) {
             acc[i][j] = fmaf(qv.x, kv[j].x, acc[i][j]);
             acc[i][j] = fmaf(qv.y, kv[j].y, acc[i][j]);
             acc[i][j] = fmaf(qv.z, kv[j].z, acc[i][j]);
@@ -504,8 +538,8 @@ __global__ void __launch_bounds__(kQaThreads, 2) qa_estimate_kernel(const Select
 #pragma unroll
     for (int i = 0; i < 8; ++i)
 #pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const int c = c0 + 128 * half + lane + 32 * j;
+      for (int j = 0; j < kQaKeysPerLane; ++j) {
+        const int c = c0 + key0 + 32 * j;
         acc[i][j] *= scale_log2;
         if (c <= chi[i]) {
           mx[i] = fmaxf(mx[i], acc[i][j]);
@@ -513,15 +547,18 @@ __global__ void __launch_bounds__(kQaThreads, 2) qa_estimate_kernel(const Select
         }
       }
   }
-  // Row maxima over the row's two warps.
+  // Row maxima over the row's warps.
 #pragma unroll
   for (int i = 0; i < 8; ++i) {
     const float v = warp_max(mx[i]);
-    if (lane == 0) red_f[row0 + i][half] = v;
+    if (lane == 0) red_f[row0 + i][kw] = v;
   }
   __syncthreads();
 #pragma unroll
-  for (int i = 0; i < 8; ++i) mx[i] = fmaxf(red_f[row0 + i][0], red_f[row0 + i][1]);
+  for (int i = 0; i < 8; ++i) {
+    mx[i] = red_f[row0 + i][0];
+    for (int w = 1; w < kQaKeyWarps; ++w) mx[i] = fmaxf(mx[i], red_f[row0 + i][w]);
+  }
   // Exponentials (each thread rereads only what it wrote) and their sums.
   double z[8];
 #pragma unroll
@@ -530,8 +567,8 @@ __global__ void __launch_bounds__(kQaThreads, 2) qa_estimate_kernel(const Select
 #pragma unroll
     for (int i = 0; i < 8; ++i)
 #pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const int c = ch * kQaKeys + 128 * half + lane + 32 * j;
+      for (int j = 0; j < kQaKeysPerLane; ++j) {
+        const int c = ch * kQaKeys + key0 + 32 * j;
         if (c <= chi[i]) {
           const float ex = exp2f((in_regs ? acc[i][j] : e0[i * NBk + c]) - mx[i]);
           if (in_regs) acc[i][j] = ex; else e0[i * NBk + c] = ex;
@@ -541,24 +578,37 @@ __global__ void __launch_bounds__(kQaThreads, 2) qa_estimate_kernel(const Select
 #pragma unroll
   for (int i = 0; i < 8; ++i) {
     const double v = warp_sum(z[i]);
-    if (lane == 0) red_d[row0 + i][half] = v;
+    if (lane == 0) red_d[row0 + i][kw] = v;
   }
-  __syncthreads();
+  RadixSmem& sm = *reinterpret_cast<RadixSmem*>(&ks[0][0]);
+  if (radix != nullptr) radix_hist_begin(sm);  // (its barrier also publishes red_d)
+  else __syncthreads();
   float zf[8];
 #pragma unroll
-  for (int i = 0; i < 8; ++i)
-    zf[i] = static_cast<float>(1.0 / ((red_d[row0 + i][0] + red_d[row0 + i][1]) * static_cast<double>(NBq)));
+  for (int i = 0; i < 8; ++i) {
+    double zs = red_d[row0 + i][0];
+    for (int w = 1; w < kQaKeyWarps; ++w) zs += red_d[row0 + i][w];
+    zf[i] = static_cast<float>(1.0 / (zs * static_cast<double>(NBq)));
+  }
   // Normalised probabilities; zeros past each row's causal blocks.
+  uint32_t zeros = 0;
   for (int c0 = 0; c0 < NBk; c0 += kQaKeys)
 #pragma unroll
     for (int i = 0; i < 8; ++i) {
-      if (row0 + i >= nrows) break;
+      if (row0 + i >= nrows) break;  // warp-uniform
 #pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const int c = c0 + 128 * half + lane + 32 * j;
-        if (c < NBk) e0[i * NBk + c] = c <= chi[i] ? (in_regs ? acc[i][j] : e0[i * NBk + c]) * zf[i] : 0.f;
+      for (int j = 0; j < kQaKeysPerLane; ++j) {
+        const int c = c0 + key0 + 32 * j;
+        const float v = c <= chi[i] ? (in_regs ? acc[i][j] : e0[i * NBk + c]) * zf[i] : 0.f;
+        if (c < NBk) e0[i * NBk + c] = v;
+        if (radix != nullptr) radix_add(item_bits(v), c < NBk, 0u, 0u, 21, 0x7ffu, true, sm, zeros);
       }
     }
+  if (radix == nullptr) return;
+  radix_hist_end(sm, zeros);
+  GridRadixState* st = radix_state(radix, hw);
+  if (!radix_publish(sm, st, radix_global_hist(radix, hw), gridDim.x, is_last)) return;
+  radix_decide(sm, st, 0, static_cast<uint32_t>(NBq * NBk), n_allowed, p.gamma);
 }
 
 // The fewest estimated blocks reaching gamma (at most the causal ones) of one head by one
@@ -599,8 +649,8 @@ __global__ void __launch_bounds__(kSelectThreads) qa_radix_level_kernel(const Se
   __shared__ uint32_t is_last;
   constexpr int kShift[3] = {21, 10, 0};
   constexpr uint32_t kMask[3] = {0x7ffu, 0x7ffu, 0x3ffu};
-  const int64_t hw = blockIdx.y, head = head0 + hw;
-  if (head >= p.batch * p.heads_q || !query_aware[head]) return;
+  const int64_t hw = query_aware_slot(p, query_aware, head0, gridDim.y, blockIdx.y), head = head0 + hw;
+  if (hw < 0) return;
   GridRadixState* st = radix_state(ws, hw);
   uint32_t* gh = radix_global_hist(ws, hw);
   if (st->mode != kModeMass) return;
@@ -619,8 +669,8 @@ __global__ void __launch_bounds__(kSelectThreads) qa_mark_kernel(const SelectPar
                                                                  const float* est, unsigned char* ws, uint32_t* qa) {
   pdl_grid_sync();
   __shared__ RadixSmem sm;
-  const int64_t hw = blockIdx.y, head = head0 + hw;
-  if (head >= p.batch * p.heads_q || !query_aware[head]) return;
+  const int64_t hw = query_aware_slot(p, query_aware, head0, gridDim.y, blockIdx.y), head = head0 + hw;
+  if (hw < 0) return;
   GridRadixState* st = radix_state(ws, hw);
   const uint32_t n = static_cast<uint32_t>(p.num_q_blocks * p.num_k_blocks);
   const float* x = est + hw * static_cast<int64_t>(n);
@@ -780,8 +830,10 @@ inline cudaError_t launch_qa_pool(const SelectParams& p, const SelectPlan& plan,
 inline cudaError_t launch_qa_estimate(const SelectParams& p, const SelectPlan& plan, const SelectBuffers& w,
                                       int64_t head0, cudaStream_t s) {
   const dim3 grid((p.num_q_blocks + kQaRows - 1) / kQaRows, plan.heads_per_wave);
+  const bool small = p.num_q_blocks * p.num_k_blocks <= kQaSmallMax;  // qa_select_small: no radix levels
   return launch_chained(qa_estimate_kernel, grid, kQaThreads, 0, s, p, head0, static_cast<const bool*>(p.query_aware),
-                        static_cast<const float*>(w.pool_k), static_cast<const float*>(w.poolq), w.est);
+                        static_cast<const float*>(w.pool_k), static_cast<const float*>(w.poolq), w.est,
+                        small ? nullptr : w.radix, static_cast<uint32_t>(plan.n_allowed));
 }
 inline cudaError_t launch_qa_select_small(const SelectParams& p, const SelectPlan& plan, const SelectBuffers& w,
                                           int64_t head0, cudaStream_t s) {

@@ -14,7 +14,8 @@
 //                                                                                  (steps 2-4)
 //   per wave of heads: qa_pool (pool(Q)), qa_estimate (logits, row softmax), then the selection:
 //              one CTA per head (qa_select_small) when NBq * NBk <= kQaSmallMax, else
-//              qa_radix_level (3 launches, many CTAs per head) and qa_mark         (step 5)
+//              a radix descent over many CTAs per head: level 0 in qa_estimate, levels 1
+//              and 2 in qa_radix_level (2 launches), then qa_mark                  (step 5)
 //   assemble   kv_count, kv_index                                                  (steps 4-7)
 #pragma once
 
