@@ -75,8 +75,18 @@ selection::RepParams rep_params(const SelectParams& p, const SelectPlan& plan, c
 // Steps 1-2 into the workspace: records, pool(K), mean(Q̂). Reads only q and k.
 void launch_rep_pass(const SelectParams& p, const SelectPlan& plan, const SelectBuffers& w, cudaStream_t stream) {
   const selection::RepParams rp = rep_params(p, plan, w);
-  C10_CUDA_CHECK(selection::launch_rep_any(rp, static_cast<int>(p.batch), p.is_bf16, static_cast<int>(p.head_dim),
-                                           stream));
+  const cudaError_t err =
+      selection::launch_rep_any(rp, static_cast<int>(p.batch), p.is_bf16, static_cast<int>(p.head_dim), stream);
+  // The Hopper kernel reads K through a TMA descriptor (rep_attention_sm90.cuh) that the
+  // driver builds before the launch; say so if that is what failed.
+  TORCH_CHECK(err != cudaErrorNotSupported,
+              "select_blocks: the CUDA driver does not provide cuTensorMapEncodeTiled, which the Hopper (sm_90a) "
+              "selection kernel needs to read K; update the driver (CUDA 12.0 or newer)");
+  TORCH_CHECK(!(rp.sm90 && err == cudaErrorInvalidValue),
+              "select_blocks: the CUDA driver refused the TMA descriptor of k (shape ", p.batch, " x ", p.seqlen_k,
+              " x ", p.heads_kv, " x ", p.head_dim, ", element strides ", p.k_batch_stride, ", ", p.k_row_stride, ", ",
+              p.k_head_stride, "); passing k.contiguous() avoids it");
+  C10_CUDA_CHECK(err);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

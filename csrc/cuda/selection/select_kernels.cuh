@@ -433,8 +433,8 @@ __device__ inline void radix_decide(RadixSmem& sm, GridRadixState* st, int level
 // (j < 2) of a chunk; D passes through shared memory in slices of kQaSlice values (the
 // next slice loads into registers while the current one is used), each dot product summed
 // over d in order. Then the row softmax: float exponentials, double sums in a fixed order
-// (a thread's keys in order, the lanes, then the row's four warps). With one chunk (NBk <=
-// kQaKeys) the logits stay in registers; otherwise they pass through est.
+// (a thread's keys in order, the lanes, then the row's four warps). When the CTA's causal
+// key blocks fit one chunk the logits stay in registers; otherwise they pass through est.
 // With `radix` (the multi-CTA selection) the CTAs also run level 0 of its radix descent:
 // each adds the histogram of its rows to the head's, and the last one picks the digit
 // (qa_radix_level_kernel, levels 1 and 2, follows).
