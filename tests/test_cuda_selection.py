@@ -192,6 +192,32 @@ def test_query_aware_exact_ties(n):
     assert_same_selection(got, want, "cuda vs reference (exact ties)")
 
 
+@pytest.mark.parametrize("n", [3000, 9000])
+@pytest.mark.parametrize("heads_per_wave", [1, 3])
+def test_query_aware_several_waves(monkeypatch, n, heads_per_wave):
+    """Long prompts run the query-aware step in waves of heads (its scratch is capped);
+    FLEXPREFILL_TEST_QA_WAVE_BYTES shrinks the cap so that short inputs do too. Each wave's
+    kernels serve its query-aware heads by rank, so the waves see different mixes of
+    query-aware and vertical-slash heads; the selection must equal the one-wave run bit for
+    bit (one CTA per head at 3000 tokens, the multi-CTA radix selection at 9000)."""
+    case = (2, n, n, 8, 2, 64, 64, torch.bfloat16, True, 0.9, 0.1, 64, None)
+    q, k = make_qk(case)
+    args = case_args(case)
+    one = flexprefill.select_blocks(q, k, **args)
+    n_qa = int(one.query_aware.sum())
+    assert 0 < n_qa < one.query_aware.numel(), "the input should mix query-aware and vertical-slash heads"
+    nb = cdiv(n, 64)
+    per_head = 4 * nb * (nb + 64) + (64 + 3 * 2048 * 4)  # select_plan.h: estimate + pool(Q) + radix state
+    monkeypatch.setenv("FLEXPREFILL_TEST_QA_WAVE_BYTES", str(heads_per_wave * per_head))
+    waves = flexprefill.select_blocks(q, k, **args)
+    torch.cuda.synchronize()
+    for name in ("kv_count", "kv_index", "query_aware"):
+        assert torch.equal(getattr(waves, name), getattr(one, name)), f"{name} differs with {heads_per_wave} heads a wave"
+    monkeypatch.setenv("FLEXPREFILL_TEST_QA_WAVE_BYTES", "lots")
+    with pytest.raises(RuntimeError, match="FLEXPREFILL_TEST_QA_WAVE_BYTES must be a positive byte count"):
+        flexprefill.select_blocks(q, k, **args)
+
+
 def test_query_aware_gamma_near_one():
     """gamma within float rounding of 1 on the multi-CTA path (141 * 141 > 16384 entries):
     the estimate's mass may never reach float(gamma) = 1, and then the query-aware heads take

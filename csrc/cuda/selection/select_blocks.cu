@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <tuple>
 
 #include "checks.h"
@@ -38,11 +39,24 @@ selection::RepConfig rep_config_of(const SelectParams& p, int64_t m) {
                                static_cast<int>(m), static_cast<int>(p.heads_q / p.heads_kv));
 }
 
+// Testing hook: FLEXPREFILL_TEST_QA_WAVE_BYTES (a byte count) replaces the step-5 scratch
+// budget per wave of heads (kEstBudgetBytes), so that small inputs take the several-wave path
+// that only long prompts take otherwise (tests/test_cuda_selection.py). Unset in normal use.
+size_t est_budget_bytes() {
+  const char* v = std::getenv("FLEXPREFILL_TEST_QA_WAVE_BYTES");
+  if (v == nullptr || *v == '\0') return selection::kEstBudgetBytes;
+  char* end = nullptr;
+  const unsigned long long n = std::strtoull(v, &end, 10);
+  TORCH_CHECK(end != nullptr && *end == '\0' && n > 0, "FLEXPREFILL_TEST_QA_WAVE_BYTES must be a positive byte count, got '",
+              v, "'");
+  return static_cast<size_t>(n);
+}
+
 // The plan of a call on the current device.
 SelectPlan plan_of(const SelectParams& p, double gamma, double tau) {
   const selection::RepConfig rc = rep_config_of(p, std::min(p.block_size, p.seqlen_q));
   const int num_sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  return selection::make_select_plan(p, gamma, tau, num_sms * rc.ctas_per_sm, rc.heads_per_cta);
+  return selection::make_select_plan(p, gamma, tau, num_sms * rc.ctas_per_sm, rc.heads_per_cta, est_budget_bytes());
 }
 
 selection::RepParams rep_params(const SelectParams& p, const SelectPlan& plan, const SelectBuffers& w) {

@@ -113,7 +113,7 @@ inline int64_t last_causal_block(int64_t r, int64_t Nq, int64_t Nk, int64_t bs) 
 // rep_slots: CTAs of the rep kernel resident on the GPU at once; rep_heads_per_cta: query
 // heads per CTA of it (both from rep_config).
 inline SelectPlan make_select_plan(const SelectParams& p, double gamma, double tau, int rep_slots,
-                                   int rep_heads_per_cta) {
+                                   int rep_heads_per_cta, size_t est_budget_bytes = kEstBudgetBytes) {
   SelectPlan plan;
   const int64_t bs = p.block_size, Nq = p.seqlen_q, Nk = p.seqlen_k;
   const int64_t NBq = p.num_q_blocks, NBk = p.num_k_blocks;
@@ -172,7 +172,7 @@ inline SelectPlan make_select_plan(const SelectParams& p, double gamma, double t
   off = phase_start;
   if (plan.any_query_aware && !plan.keep_all) {
     const size_t per_head = sizeof(float) * NBq * (NBk + D) + kRadixStateBytes;
-    plan.heads_per_wave = std::max<int64_t>(1, std::min<int64_t>(BH, kEstBudgetBytes / per_head));
+    plan.heads_per_wave = std::max<int64_t>(1, std::min<int64_t>(BH, est_budget_bytes / per_head));
     plan.waves = cdiv(BH, plan.heads_per_wave);
     plan.off_poolq = take(sizeof(float) * plan.heads_per_wave * NBq * D);
     plan.off_est = take(sizeof(float) * plan.heads_per_wave * NBq * NBk);
