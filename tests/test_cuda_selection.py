@@ -200,12 +200,13 @@ def test_query_aware_several_waves(monkeypatch, n, heads_per_wave):
     kernels serve its query-aware heads by rank, so the waves see different mixes of
     query-aware and vertical-slash heads; the selection must equal the one-wave run bit for
     bit (one CTA per head at 3000 tokens, the multi-CTA radix selection at 9000)."""
-    case = (2, n, n, 8, 2, 64, 64, torch.bfloat16, True, 0.9, 0.1, 64, None)
+    case = (2, n, n, 8, 2, 64, 64, torch.bfloat16, True, 0.9, 0.3, 64, None)  # tau 0.3: heads 0-3 of a batch query-aware
     q, k = make_qk(case)
     args = case_args(case)
     one = flexprefill.select_blocks(q, k, **args)
     n_qa = int(one.query_aware.sum())
-    assert 0 < n_qa < one.query_aware.numel(), "the input should mix query-aware and vertical-slash heads"
+    assert 0 < n_qa < one.query_aware.numel(), (
+        f"the input should mix query-aware and vertical-slash heads: {one.query_aware.int().tolist()}")
     nb = cdiv(n, 64)
     per_head = 4 * nb * (nb + 64) + (64 + 3 * 2048 * 4)  # select_plan.h: estimate + pool(Q) + radix state
     monkeypatch.setenv("FLEXPREFILL_TEST_QA_WAVE_BYTES", str(heads_per_wave * per_head))
