@@ -200,7 +200,8 @@ def test_query_aware_several_waves(monkeypatch, n, heads_per_wave):
     kernels serve its query-aware heads by rank, so the waves see different mixes of
     query-aware and vertical-slash heads; the selection must equal the one-wave run bit for
     bit (one CTA per head at 3000 tokens, the multi-CTA radix selection at 9000)."""
-    case = (2, n, n, 8, 2, 64, 64, torch.bfloat16, True, 0.9, 0.3, 64, None)  # tau 0.3: heads 0-3 of a batch query-aware
+    # tau 0.3: heads 0-3 of each batch are query-aware, 4-7 vertical-slash
+    case = (2, n, n, 8, 2, 64, 64, torch.bfloat16, True, 0.9, 0.3, 64, None)
     q, k = make_qk(case)
     args = case_args(case)
     one = flexprefill.select_blocks(q, k, **args)
@@ -213,7 +214,8 @@ def test_query_aware_several_waves(monkeypatch, n, heads_per_wave):
     waves = flexprefill.select_blocks(q, k, **args)
     torch.cuda.synchronize()
     for name in ("kv_count", "kv_index", "query_aware"):
-        assert torch.equal(getattr(waves, name), getattr(one, name)), f"{name} differs with {heads_per_wave} heads a wave"
+        assert torch.equal(getattr(waves, name), getattr(one, name)), (
+            f"{name} differs with {heads_per_wave} heads a wave")
     monkeypatch.setenv("FLEXPREFILL_TEST_QA_WAVE_BYTES", "lots")
     with pytest.raises(RuntimeError, match="FLEXPREFILL_TEST_QA_WAVE_BYTES must be a positive byte count"):
         flexprefill.select_blocks(q, k, **args)

@@ -47,8 +47,8 @@ size_t est_budget_bytes() {
   if (v == nullptr || *v == '\0') return selection::kEstBudgetBytes;
   char* end = nullptr;
   const unsigned long long n = std::strtoull(v, &end, 10);
-  TORCH_CHECK(end != nullptr && *end == '\0' && n > 0, "FLEXPREFILL_TEST_QA_WAVE_BYTES must be a positive byte count, got '",
-              v, "'");
+  TORCH_CHECK(end != nullptr && *end == '\0' && n > 0,
+              "FLEXPREFILL_TEST_QA_WAVE_BYTES must be a positive byte count, got '", v, "'");
   return static_cast<size_t>(n);
 }
 

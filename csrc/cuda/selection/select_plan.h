@@ -111,7 +111,8 @@ inline int64_t last_causal_block(int64_t r, int64_t Nq, int64_t Nk, int64_t bs) 
 }
 
 // rep_slots: CTAs of the rep kernel resident on the GPU at once; rep_heads_per_cta: query
-// heads per CTA of it (both from rep_config).
+// heads per CTA of it (both from rep_config); est_budget_bytes: step-5 scratch of one wave of
+// heads (tests lower it to reach the several-wave path on short inputs).
 inline SelectPlan make_select_plan(const SelectParams& p, double gamma, double tau, int rep_slots,
                                    int rep_heads_per_cta, size_t est_budget_bytes = kEstBudgetBytes) {
   SelectPlan plan;
