@@ -395,6 +395,23 @@ struct RepKPool {
   }
 };
 
+// End of a split (both kernels): the rows' running (reference, sum) into part_ref / part_sum,
+// then pool(K) of the split's last block, last_block() (when this CTA pools and has tiles).
+template <int kSlots, typename Pool, typename LastBlock>
+__device__ __forceinline__ void rep_split_end(RepRows<kSlots>& st, const Pool& pool, const RepParams& p,
+                                              float* pool_part, int64_t head, int split, int m, int row0, int b, int hk,
+                                              int ntile, LastBlock last_block, int g, int t4, int tid) {
+  {
+    const int64_t o = (head * p.num_splits + split) * m + row0;
+    rep_store_split(st, p.part_ref + o, p.part_sum + o, g, t4);
+  }
+  cp_async_wait<0>();
+  if (pool.pools && ntile > 0) {  // the split's last block
+    __syncthreads();
+    pool.flush(pool_part, p, b, hk, last_block(), tid);
+  }
+}
+
 // The portable (sm80+) kernel: mma.sync, Q̂ fragments by ldmatrix at every k-step.
 template <bool kBf16, int kD>
 __global__ void __launch_bounds__(256, rep_ctas_per_sm(kD)) rep_kernel(const RepParams p) {
@@ -525,15 +542,8 @@ __global__ void __launch_bounds__(256, rep_ctas_per_sm(kD)) rep_kernel(const Rep
                      g, t4);
     if (pool.pools && tl.last_in_block) pool.stash(pool_part, c);
   }
-  {
-    const int64_t o = (head * p.num_splits + split) * m + row0;
-    rep_store_split(st, p.part_ref + o, p.part_sum + o, g, t4);
-  }
-  cp_async_wait<0>();
-  if (pool.pools && ntile > 0) {  // the split's last block
-    __syncthreads();
-    pool.flush(pool_part, p, b, hk, (ks + (ntile - 1) * kTileKeys) / bs, tid);
-  }
+  rep_split_end(st, pool, p, pool_part, head, split, m, row0, b, hk, ntile,
+                [&] { return (ks + (ntile - 1) * kTileKeys) / bs; }, g, t4, tid);
 }
 
 // Largest heads_per_cta dividing the GQA group with <= 256 threads and fitting shared memory.

@@ -233,15 +233,8 @@ __global__ void __launch_bounds__(RepSm90Shape<kM16>::kMaxThreads, RepSm90Shape<
                         m, g, t4);
     if (pool.pools && tl.last_in_block) pool.stash(pool_part, c);
   }
-  {
-    const int64_t o = (head * p.num_splits + split) * m + row0;
-    rep_store_split(st, p.part_ref + o, p.part_sum + o, g, t4);
-  }
-  cp_async_wait<0>();
-  if (pool.pools && ntile > 0) {  // the split's last block
-    __syncthreads();
-    pool.flush(pool_part, p, b, hk, (ks + (ntile - 1) * kTileKeys) >> bs_shift, tid);
-  }
+  rep_split_end(st, pool, p, pool_part, head, split, m, row0, b, hk, ntile,
+                [&] { return (ks + (ntile - 1) * kTileKeys) >> bs_shift; }, g, t4, tid);
 #elif defined(__CUDA_ARCH__)
   __trap();  // compiled without sm_90a: the host never launches this (rep_config)
 #endif
