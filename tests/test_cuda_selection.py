@@ -38,6 +38,10 @@ CASES = [
     # NBq * NBk = 36848 and 97969 > 16384: the query-aware selection runs on several CTAs per head
     (1, 12000, 12500, 4, 4, 128, 64, torch.float16, True, 0.999, 0.5, 64, None),
     (1, 20000, 20000, 4, 4, 64, 64, torch.bfloat16, True, 0.9, 0.5, 256, None),
+    # D 64, bs 128: on Hopper the rep kernel also pools Q (heads 0-3 of each batch query-aware),
+    # with two heads a CTA and, MHA, one; 133 * 133 > 16384: the multi-CTA selection
+    (2, 3000, 3100, 8, 2, 64, 128, torch.bfloat16, True, 0.9, 0.3, 128, None),
+    (1, 17000, 17000, 4, 4, 64, 128, torch.float16, True, 0.9, 0.5, 256, None),
 ]
 
 

@@ -89,7 +89,9 @@ __device__ __forceinline__ void fence_operands(float (&d)[8][4]) {
 // of the group: row 16 w + g + 8 (j >> 1), column 8 n + 2 t4 + (j & 1) (g = lane / 4,
 // t4 = lane % 4), as the m16n8 accumulators of mma.sync. `rs`: A from registers (the
 // m16n8k16 A fragment of the warp's 16 rows); `ss`: A from a descriptor. B from a
-// descriptor (K-major: B's 64 columns are rows of 16 values in shared memory).
+// descriptor (K-major: B's 64 columns are rows of 16 values in shared memory); `rs_mn`: B
+// MN-major (its 16 rows are rows of 64 values: a 128-byte-swizzled tile, k16 steps 2048 B
+// apart, the same descriptor).
 template <typename Element>
 struct Wgmma64x64;
 
@@ -112,6 +114,16 @@ struct Wgmma64x64;
           "{\n.reg .pred p;\nsetp.ne.b32 p, %36, 0;\n"                                                        \
           "wgmma.mma_async.sync.aligned.m64n64k16.f32." T "." T " " FLEXPREFILL_WGMMA_R32                      \
           ", {%32, %33, %34, %35}, %37, p, 1, 1, 0;\n}\n"                                                     \
+          : FLEXPREFILL_WGMMA_D32                                                                              \
+          : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(accumulate), "l"(desc_b));                         \
+    }                                                                                                          \
+    /* B MN-major: B[k][n] at row k, 16-byte chunk n / 8 of a 128-byte-swizzled [k][64] tile */           \
+    __device__ __forceinline__ static void rs_mn(float (&d)[8][4], const uint32_t (&a)[4], uint64_t desc_b,    \
+                                                 int accumulate) {                                            \
+      asm volatile(                                                                                            \
+          "{\n.reg .pred p;\nsetp.ne.b32 p, %36, 0;\n"                                                        \
+          "wgmma.mma_async.sync.aligned.m64n64k16.f32." T "." T " " FLEXPREFILL_WGMMA_R32                      \
+          ", {%32, %33, %34, %35}, %37, p, 1, 1, 1;\n}\n"                                                     \
           : FLEXPREFILL_WGMMA_D32                                                                              \
           : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(accumulate), "l"(desc_b));                         \
     }                                                                                                          \

@@ -28,7 +28,12 @@ cudaError_t launch_dim(const RepParams& p, int batch, bool is_bf16, cudaStream_t
 
 }  // namespace
 
-cudaError_t make_k_tensor_map(CUtensorMap* map, const RepParams& p, int batch, int head_dim) {
+namespace {
+
+// A 4-d tensor map of 16-bit values, 128-byte swizzle: dims innermost first, strides (in
+// elements) of dims 1-3; a dim of extent 1 gets any valid stride (it is never stepped).
+cudaError_t encode_4d(CUtensorMap* map, const uint16_t* base, const int64_t (&dim)[4], const int64_t (&stride)[3],
+                      const cuuint32_t (&box)[4]) {
   using Encode = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*, const cuuint64_t*,
                               const cuuint64_t*, const cuuint32_t*, const cuuint32_t*, CUtensorMapInterleave,
                               CUtensorMapSwizzle, CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
@@ -42,23 +47,33 @@ cudaError_t make_k_tensor_map(CUtensorMap* map, const RepParams& p, int batch, i
     return reinterpret_cast<Encode>(fn);
   }();
   if (encode == nullptr) return cudaErrorNotSupported;
-  // dims innermost first: D, keys, kv heads, batch; strides in bytes (a dim of extent 1 gets
-  // any valid stride: it is never stepped).
-  const cuuint64_t dims[4] = {static_cast<cuuint64_t>(head_dim), static_cast<cuuint64_t>(p.seqlen_k),
-                              static_cast<cuuint64_t>(p.heads_kv), static_cast<cuuint64_t>(batch)};
-  const int64_t raw[3] = {p.k_row_stride, p.k_head_stride, p.k_batch_stride};
-  cuuint64_t strides[3];
+  cuuint64_t dims[4], strides[3];
+  for (int i = 0; i < 4; ++i) dims[i] = static_cast<cuuint64_t>(dim[i]);
   for (int i = 0; i < 3; ++i) {
-    const int64_t bytes = raw[i] * 2;
+    const int64_t bytes = stride[i] * 2;
     strides[i] = dims[i + 1] == 1 ? 16 : static_cast<cuuint64_t>(bytes);
     if (dims[i + 1] != 1 && (bytes <= 0 || bytes % 16 != 0)) return cudaErrorInvalidValue;
   }
-  const cuuint32_t box[4] = {64, static_cast<cuuint32_t>(kTileKeys), 1, 1};
   const cuuint32_t elem[4] = {1, 1, 1, 1};
-  const CUresult r = encode(map, CU_TENSOR_MAP_DATA_TYPE_UINT16, 4, const_cast<uint16_t*>(p.k), dims, strides, box,
+  const CUresult r = encode(map, CU_TENSOR_MAP_DATA_TYPE_UINT16, 4, const_cast<uint16_t*>(base), dims, strides, box,
                             elem, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
                             CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
   return r == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;
+}
+
+}  // namespace
+
+cudaError_t make_k_tensor_map(CUtensorMap* map, const RepParams& p, int batch, int head_dim) {
+  // D, keys, kv heads, batch
+  return encode_4d(map, p.k, {head_dim, p.seqlen_k, p.heads_kv, batch},
+                   {p.k_row_stride, p.k_head_stride, p.k_batch_stride},
+                   {64, static_cast<cuuint32_t>(kTileKeys), 1, 1});
+}
+
+cudaError_t make_q_tensor_map(CUtensorMap* map, const RepParams& p, int batch) {
+  // D (64), query rows, query heads, batch
+  return encode_4d(map, p.q, {64, p.seqlen_q, p.heads_q, batch}, {p.q_row_stride, p.q_head_stride, p.q_batch_stride},
+                   {64, static_cast<cuuint32_t>(p.rows), static_cast<cuuint32_t>(p.heads_per_cta), 1});
 }
 
 RepConfig rep_config(const cudaDeviceProp& prop, int head_dim, int m, int group) {
@@ -75,6 +90,7 @@ RepConfig rep_config(const cudaDeviceProp& prop, int head_dim, int m, int group)
       if (best == 0) continue;
       c.sm90 = m16;
       c.heads_per_cta = best;
+      c.pools_q = rep_sm90_pools_q(head_dim, m16) && m == 128;
       const int threads = 2 * m * best / m16;
       const int by_regs = 65536 / (128 * threads);  // <= 128 registers a thread
       const int by_smem = static_cast<int>(prop.sharedMemPerMultiprocessor) /

@@ -57,6 +57,8 @@ struct RepParams {
   float* part_sum;   // [B, Hq, splits, m]  sum of 2^(x - ref) over the split's keys
   float* pool_k;     // [B, Hkv, NBk, D]
   float* qhat_mean;  // [B, Hq, D]
+  float* poolq;      // [B, Hq, NBq, D] pool(Q) of every head (rep_sm90_pools_q kernels), or nullptr
+  int num_q_blocks;
   int sm90;          // the wgmma kernel with 16 * sm90 rows a warp (1 or 2), or 0: mma.sync (rep_config)
 };
 
@@ -68,6 +70,7 @@ constexpr int rep_pool_part_floats(int threads, int D) { return 2 * (threads > D
 // Shared-memory layout (bytes), the same on host and device.
 struct RepSmem {
   int q_off, k_off, pool_off, bar_off, total;  // (bar_off: the Hopper kernel's mbarriers)
+  int qp_off = 0;  // the Hopper kernel's pool(Q) buffer (rep_sm90_pools_q)
 };
 
 __host__ __device__ inline int rep_row_stride(int D) { return D + 8; }  // +16 B: no ldmatrix conflicts
@@ -592,6 +595,7 @@ struct RepConfig {
   int sm90 = 0;  // RepParams::sm90
   int heads_per_cta = 1;
   int ctas_per_sm = 1;  // resident CTAs per SM (the plan's split rule)
+  bool pools_q = false;  // the kernel can also write pool(Q) of every head (RepParams::poolq)
 };
 RepConfig rep_config(const cudaDeviceProp& prop, int head_dim, int m, int group);
 

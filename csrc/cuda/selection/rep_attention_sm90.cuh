@@ -40,9 +40,15 @@ inline bool rep_sm90_ok(int D, int m, int heads_per_cta, int m16) {
   return m % (64 * m16) == 0 && threads >= 128 && threads <= max_threads && (threads / (D / 8)) % 8 == 0;
 }
 
+// pool(Q) of every head (RepParams::poolq) in the same pass: the kernels of 32 rows a warp at
+// D = 64, where a block of Q of the CTA's heads (128-byte rows) fits in shared memory beside
+// the rest at two CTAs per SM, with m = block_size = 128 (rep_config's pools_q).
+__host__ __device__ constexpr bool rep_sm90_pools_q(int D, int m16) { return D == 64 && m16 == 2; }
+
 // Shared memory from the first 1024-byte boundary of the dynamic allocation (1 KB of slack):
 // the K ring (1024-byte aligned tiles), then Q̂ [atoms][hpc m rows][128 B] (swizzled), the
-// pooling partials and the ring's mbarriers.
+// pooling partials, the pool(Q) buffer [hpc][m rows][128 B] (rep_sm90_pools_q) and the
+// mbarriers (the ring's, then pool(Q)'s).
 __host__ __device__ inline RepSmem rep_sm90_smem_layout(int D, int m, int heads_per_cta, int m16) {
   RepSmem s;
   s.k_off = 0;
@@ -50,13 +56,18 @@ __host__ __device__ inline RepSmem rep_sm90_smem_layout(int D, int m, int heads_
   s.pool_off = s.q_off + heads_per_cta * m * D * 2;
   const int max_threads = m16 == 2 ? RepSm90Shape<2>::kMaxThreads : RepSm90Shape<1>::kMaxThreads;
   s.bar_off = s.pool_off + 2 * rep_pool_part_floats(max_threads, D) * 4;  // one mbarrier per stage
-  s.total = s.bar_off + rep_sm90_stages(D, m16) * 8 + 1024;
+  if (rep_sm90_pools_q(D, m16) && m == 128) {
+    s.qp_off = (s.bar_off + 1023) / 1024 * 1024;
+    s.bar_off = s.qp_off + heads_per_cta * m * 128;
+  }
+  s.total = s.bar_off + (rep_sm90_stages(D, m16) + 1) * 8 + 1024;
   return s;
 }
 
 template <bool kBf16, int kD, int kM16>
 __global__ void __launch_bounds__(RepSm90Shape<kM16>::kMaxThreads, RepSm90Shape<kM16>::kCtasPerSm)
-    rep_kernel_sm90(const RepParams p, const __grid_constant__ CUtensorMap tmap_k) {
+    rep_kernel_sm90(const RepParams p, const __grid_constant__ CUtensorMap tmap_k,
+                    const __grid_constant__ CUtensorMap tmap_q) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using Element = std::conditional_t<kBf16, __nv_bfloat16, __half>;
   using Mma = sm90::Wgmma64x64<Element>;
@@ -127,13 +138,29 @@ __global__ void __launch_bounds__(RepSm90Shape<kM16>::kMaxThreads, RepSm90Shape<
       sm90::tma_load_4d(ks_addr + buf * kTileBytes + a * (kTileKeys * 128), &tmap_k, bar, a * 64,
                         ks + tile * kTileKeys, hk, b);
   };
+  // pool(Q) (rep_sm90_pools_q, m = bs = 128): the split's query blocks qb0 + j (those of its
+  // key positions, Q rows counted from 0), one a key block: block j lands by TMA (box of 64
+  // values x m rows x hpc heads, zeros past seqlen_q) while tiles 2j - 1 and 2j run, and at
+  // tile 2j + 1 (or the split's last) warpgroup wg sums head wg's rows on the tensor cores
+  // (ones[64 x 16] x Q[16 rows x 64], eight k16 steps; every output row is the column sum).
+  constexpr bool kPoolQ = rep_sm90_pools_q(kD, kM16);
+  const bool pool_q = kPoolQ && p.poolq != nullptr;  // (uniform)
+  const int qb0 = split * (p.split_keys >> bs_shift);
+  const int nqb = pool_q ? max(0, min(p.num_q_blocks - qb0, p.split_keys >> bs_shift)) : 0;
+  const uint32_t qbar = bar0 + kStages * 8;
+  const uint32_t qp_addr = smem_u32(smem + L.qp_off);
+  auto load_qblock = [&](int j) {
+    sm90::mbar_arrive_expect_tx(qbar, hpc * m * 128);
+    sm90::tma_load_4d(qp_addr, &tmap_q, qbar, 0, (qb0 + j) * bs, h_first, b);
+  };
   if (tid == 0) {
-    for (int s = 0; s < kStages; ++s) sm90::mbar_init(bar0 + s * 8, 1);
+    for (int s = 0; s < kStages + (kPoolQ ? 1 : 0); ++s) sm90::mbar_init(bar0 + s * 8, 1);
     sm90::mbar_init_fence();
   }
   __syncthreads();
   if (tid == 0) {
     for (int s = 0; s < kStages - 1 && s < ntile; ++s) load_k(s, s);
+    if (nqb > 0) load_qblock(0);
   }
 
   const int64_t head = static_cast<int64_t>(b) * p.heads_q + h;
@@ -185,6 +212,7 @@ __global__ void __launch_bounds__(RepSm90Shape<kM16>::kMaxThreads, RepSm90Shape<
     if (tid == 0) {
       const int nt = tile + kStages - 1;
       if (nt < ntile) load_k(nt, nt % kStages);
+      if (kPoolQ && tile > 0 && (tile & 1) == 0 && (tile >> 1) < nqb) load_qblock(tile >> 1);  // buffer free
     }
     const int buf = tile % kStages;
     sm90::mbar_wait(bar0 + buf * 8, (tile / kStages) & 1);  // tile `tile` has landed
@@ -232,6 +260,30 @@ __global__ void __launch_bounds__(RepSm90Shape<kM16>::kMaxThreads, RepSm90Shape<
     rep_tile_sums<kM16>(acc, st, tl, P0 + row0, p.scale_log2, p.rec + ((head * p.num_k_blocks + c) * 3) * m + row0,
                         m, g, t4);
     if (pool.pools && tl.last_in_block) pool.stash(pool_part, c);
+    if constexpr (kPoolQ) {
+      const int j = tile >> 1;
+      if (j < nqb && tile == min(2 * j + 1, ntile - 1)) {
+        sm90::mbar_wait(qbar, j & 1);
+        constexpr uint32_t kOnes = kBf16 ? 0x3F803F80u : 0x3C003C00u;  // two 1.0 values
+        const uint32_t ones[4] = {kOnes, kOnes, kOnes, kOnes};
+        const uint32_t desc_p = sm90::desc_sw128_lo(qp_addr + wg * (m * 128));
+        float pacc[8][4];
+        sm90::wgmma_fence();
+#pragma unroll
+        for (int s = 0; s < 8; ++s) Mma::rs_mn(pacc, ones, sm90::desc_sw128_of(desc_p + s * (2048 >> 4)), s > 0);
+        sm90::wgmma_commit();
+        sm90::wgmma_wait<0>();
+        sm90::fence_operands(pacc);
+        if ((warp & 3) == 0) {  // pacc[n][0..1]: columns 8 n + 2 t4 + (0, 1); lane group g writes n = g
+          const int qb = qb0 + j;
+          const float count = static_cast<float>(min(bs, p.seqlen_q - qb * bs));
+          float* out = p.poolq + ((static_cast<int64_t>(b) * p.heads_q + h) * p.num_q_blocks + qb) * kD + 2 * t4;
+#pragma unroll
+          for (int n = 0; n < 8; ++n)
+            if (g == n) *reinterpret_cast<float2*>(out + 8 * n) = make_float2(pacc[n][0] / count, pacc[n][1] / count);
+        }
+      }
+    }
   }
   rep_split_end(st, pool, p, pool_part, head, split, m, row0, b, hk, ntile,
                 [&] { return (ks + (ntile - 1) * kTileKeys) >> bs_shift; }, g, t4, tid);
@@ -240,9 +292,11 @@ __global__ void __launch_bounds__(RepSm90Shape<kM16>::kMaxThreads, RepSm90Shape<
 #endif
 }
 
-// The TMA descriptor of K [B, Nk, Hkv, D] (rep_attention.cu): boxes of 64 keys x 64 values
+// The TMA descriptors (rep_attention.cu) of K [B, Nk, Hkv, D] (boxes of 64 keys x 64 values)
+// and of Q [B, Nq, Hq, D] for pool(Q) (boxes of 64 values x m rows x heads_per_cta heads),
 // with the 128-byte swizzle. cudaErrorInvalidValue when the driver refuses the strides.
 cudaError_t make_k_tensor_map(CUtensorMap* map, const RepParams& p, int batch, int head_dim);
+cudaError_t make_q_tensor_map(CUtensorMap* map, const RepParams& p, int batch);
 
 template <bool kBf16, int kD, int kM16>
 cudaError_t launch_rep_sm90(const RepParams& p, int batch, cudaStream_t stream) {
@@ -251,11 +305,18 @@ cudaError_t launch_rep_sm90(const RepParams& p, int batch, cudaStream_t stream) 
   static std::atomic<uint64_t> raised{0};
   cudaError_t err = raise_smem_limit_once(reinterpret_cast<const void*>(kernel), raised);
   if (err != cudaSuccess) return err;
-  CUtensorMap tmap;
+  CUtensorMap tmap, tmap_q;
   err = make_k_tensor_map(&tmap, p, batch, kD);
   if (err != cudaSuccess) return err;
+  if (p.poolq != nullptr) {  // (rep_config's pools_q)
+    if (!rep_sm90_pools_q(kD, kM16) || p.rows != 128 || p.block_size != 128) return cudaErrorInvalidValue;
+    err = make_q_tensor_map(&tmap_q, p, batch);
+    if (err != cudaSuccess) return err;
+  } else {
+    tmap_q = tmap;  // (not read)
+  }
   dim3 grid(p.heads_q / p.heads_per_cta, p.num_splits, batch);
-  kernel<<<grid, 2 * p.rows * p.heads_per_cta / kM16, L.total, stream>>>(p, tmap);
+  kernel<<<grid, 2 * p.rows * p.heads_per_cta / kM16, L.total, stream>>>(p, tmap, tmap_q);
   return cudaGetLastError();
 }
 

@@ -56,7 +56,8 @@ size_t est_budget_bytes() {
 SelectPlan plan_of(const SelectParams& p, double gamma, double tau) {
   const selection::RepConfig rc = rep_config_of(p, std::min(p.block_size, p.seqlen_q));
   const int num_sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  return selection::make_select_plan(p, gamma, tau, num_sms * rc.ctas_per_sm, rc.heads_per_cta, est_budget_bytes());
+  return selection::make_select_plan(p, gamma, tau, num_sms * rc.ctas_per_sm, rc.heads_per_cta, est_budget_bytes(),
+                                     rc.pools_q);
 }
 
 selection::RepParams rep_params(const SelectParams& p, const SelectPlan& plan, const SelectBuffers& w) {
@@ -80,6 +81,8 @@ selection::RepParams rep_params(const SelectParams& p, const SelectPlan& plan, c
   r.part_sum = w.part_sum;
   r.pool_k = w.pool_k;
   r.qhat_mean = w.qhat_mean;
+  r.poolq = plan.rep_pools_q ? w.poolq : nullptr;
+  r.num_q_blocks = static_cast<int>(p.num_q_blocks);
   const selection::RepConfig rc = rep_config_of(p, r.rows);
   r.heads_per_cta = rc.heads_per_cta;
   r.sm90 = rc.sm90;
@@ -99,7 +102,8 @@ void launch_rep_pass(const SelectParams& p, const SelectPlan& plan, const Select
   TORCH_CHECK(!(rp.sm90 && err == cudaErrorInvalidValue),
               "select_blocks: the CUDA driver refused the TMA descriptor of k (shape ", p.batch, " x ", p.seqlen_k,
               " x ", p.heads_kv, " x ", p.head_dim, ", element strides ", p.k_batch_stride, ", ", p.k_row_stride, ", ",
-              p.k_head_stride, "); passing k.contiguous() avoids it");
+              p.k_head_stride, ")", rp.poolq != nullptr ? " or of q" : "",
+              "; passing contiguous tensors avoids it");
   C10_CUDA_CHECK(err);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -214,9 +218,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> select_blocks_cuda(const at::Tens
     const bool small = p.num_q_blocks * p.num_k_blocks <= selection::kQaSmallMax;
     for (int64_t wave = 0; wave < plan.waves; ++wave) {
       const int64_t head0 = wave * plan.heads_per_wave;
-      // (pool(Q) also clears the multi-CTA selection's bitmask words and radix state)
-      C10_CUDA_CHECK(selection::launch_qa_pool(p, plan, w, head0, stream));
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      // (pool(Q) also clears the multi-CTA selection's bitmask words and radix state; with
+      // rep_pools_q the rep kernel wrote pool(Q) and the records kernel cleared them)
+      if (!plan.rep_pools_q) {
+        C10_CUDA_CHECK(selection::launch_qa_pool(p, plan, w, head0, stream));
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
       C10_CUDA_CHECK(selection::launch_qa_estimate(p, plan, w, head0, stream));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       if (small) {  // one CTA per head; it also zeroes the words of the other heads

@@ -65,6 +65,15 @@ __global__ void __launch_bounds__(kRecThreads) finish_records_kernel(const Selec
   const int64_t c0 = static_cast<int64_t>(blockIdx.x) * kRecBlocks;
   const int64_t c1 = c0 + kRecBlocks < NBk ? c0 + kRecBlocks : NBk;
   const float* rec = w.rec + head * NBk * 3 * m;
+  if (plan.rep_pools_q && p.num_q_blocks * NBk > kQaSmallMax) {
+    // qa_pool's other duty when the rep kernel wrote pool(Q) (one wave, slot = head): clear
+    // the head's query-aware bitmask words and its radix state for the multi-CTA selection.
+    const int64_t first = static_cast<int64_t>(blockIdx.x) * kRecThreads + tid;
+    const int64_t stride = static_cast<int64_t>(gridDim.x) * kRecThreads;
+    for (int64_t i = first; i < plan.qa_words; i += stride) w.qa[head * plan.qa_words + i] = 0u;
+    uint32_t* rs = reinterpret_cast<uint32_t*>(w.radix + head * kRadixStateBytes);
+    for (int64_t i = first; i < static_cast<int64_t>(kRadixStateBytes / 4); i += stride) rs[i] = 0u;
+  }
 
   // (a) thread -> row i = tid % m and splits g, g + ng, ... (g = tid / m, ng = kRecThreads / m;
   // eight loads in flight); online max / sum, then the ng partials in a fixed order.

@@ -4,7 +4,8 @@
 //
 // Pipeline (no host synchronisation):
 //   rep        one pass of softmax(s Q̂ Kᵀ) over the keys, split over CTAs: per (row, key
-//              block) records [B,Hq,NBk,3,m]; also pool(K) [B,Hkv,NBk,D], mean(Q̂) [B,Hq,D]
+//              block) records [B,Hq,NBk,3,m]; also pool(K) [B,Hkv,NBk,D], mean(Q̂) [B,Hq,D],
+//              and (rep_pools_q: Hopper, D = 64, bs = 128, one wave) pool(Q) [B,Hq,NBq,D]
 //                                                                                  (steps 1-3)
 //   finish     records: many CTAs per head: row LSE, vertical mass [B,Hq,NBk], the JSD
 //              logits; then one CTA per head: slash bin mass [B,Hq,NBk], the JSD decision
@@ -12,7 +13,7 @@
 //              bitmasks); with query-aware heads possible, the selection runs on a side
 //              stream beside step 5 (forked after the decision, joined before assemble)
 //                                                                                  (steps 2-4)
-//   per wave of heads: qa_pool (pool(Q)), qa_estimate (logits, row softmax), then the selection:
+//   per wave of heads: qa_pool (pool(Q), unless the rep kernel wrote it), qa_estimate (logits, row softmax), then the selection:
 //              one CTA per head (qa_select_small) when NBq * NBk <= kQaSmallMax, else
 //              a radix descent over many CTAs per head: level 0 in qa_estimate, levels 1
 //              and 2 in qa_radix_level (2 launches), then qa_mark                  (step 5)
@@ -58,6 +59,7 @@ struct SelectPlan {
   int64_t min_blocks = 0, max_blocks = 0;  // budgets of columns and of slash bins
   int64_t n_allowed = 0;  // causal (query block, key block) pairs of one head
   int64_t heads_per_wave = 0, waves = 0;
+  bool rep_pools_q = false;  // the rep kernel writes pool(Q) of every head (one wave; qa_pool skipped)
   int64_t qa_chunk = 0;   // entries per CTA of the multi-CTA query-aware selection (a multiple of 32)
   double tau = 0.0;
   float scale_log2 = 0.f;
@@ -87,7 +89,7 @@ struct SelectBuffers {
   float* abcd;         // [B, Hq, NBk, 4]        per key block: H and L mass of the two row groups
   float* lse2;         // [B, Hq, m]             (log2 units)
   float* slash;        // [B, Hq, NBk]           slash mass per distance bin
-  float* poolq;        // [heads_per_wave, NBq, D]  pool(Q) of the query-aware heads
+  float* poolq;        // [heads_per_wave, NBq, D]  pool(Q) of the query-aware heads (rep_pools_q: of all)
   float* est;          // [heads_per_wave, NBq, NBk]
   unsigned char* radix;  // [heads_per_wave, kRadixStateBytes]
 };
@@ -112,9 +114,12 @@ inline int64_t last_causal_block(int64_t r, int64_t Nq, int64_t Nk, int64_t bs) 
 
 // rep_slots: CTAs of the rep kernel resident on the GPU at once; rep_heads_per_cta: query
 // heads per CTA of it (both from rep_config); est_budget_bytes: step-5 scratch of one wave of
-// heads (tests lower it to reach the several-wave path on short inputs).
+// heads (tests lower it to reach the several-wave path on short inputs); rep_pools_q: the rep
+// kernel can write pool(Q) of every head (rep_config's pools_q), used when step 5 runs in one
+// wave (then poolq and the radix state are persistent buffers, zeroed by the records kernel).
 inline SelectPlan make_select_plan(const SelectParams& p, double gamma, double tau, int rep_slots,
-                                   int rep_heads_per_cta, size_t est_budget_bytes = kEstBudgetBytes) {
+                                   int rep_heads_per_cta, size_t est_budget_bytes = kEstBudgetBytes,
+                                   bool rep_pools_q = false) {
   SelectPlan plan;
   const int64_t bs = p.block_size, Nq = p.seqlen_q, Nk = p.seqlen_k;
   const int64_t NBq = p.num_q_blocks, NBk = p.num_k_blocks;
@@ -148,6 +153,13 @@ inline SelectPlan make_select_plan(const SelectParams& p, double gamma, double t
   plan.qa_words = cdiv(NBq * NBk, 32);
 
   const int64_t D = p.head_dim, m = plan.rows;
+  const bool step5 = plan.any_query_aware && !plan.keep_all;
+  const size_t per_head = sizeof(float) * NBq * (NBk + D) + kRadixStateBytes;
+  if (step5) {
+    plan.heads_per_wave = std::max<int64_t>(1, std::min<int64_t>(BH, est_budget_bytes / per_head));
+    plan.waves = cdiv(BH, plan.heads_per_wave);
+    plan.rep_pools_q = rep_pools_q && plan.waves == 1;
+  }
   size_t off = 0;
   auto take = [&](size_t bytes) {
     size_t at = off;
@@ -162,6 +174,10 @@ inline SelectPlan make_select_plan(const SelectParams& p, double gamma, double t
   plan.off_bins = take(sizeof(uint32_t) * BH * plan.cols_words);
   plan.off_qa = take(plan.any_query_aware ? sizeof(uint32_t) * BH * plan.qa_words : 0);
   plan.off_slash = take(sizeof(float) * BH * NBk);  // read by step 4 beside step 5 (side stream)
+  if (plan.rep_pools_q) {  // written in phase 1 (heads_per_wave = BH)
+    plan.off_poolq = take(sizeof(float) * BH * NBq * D);
+    plan.off_radix = take(kRadixStateBytes * BH);
+  }
   const size_t phase_start = off;
   plan.off_rec = take(sizeof(float) * BH * NBk * 3 * m);
   plan.off_part_ref = take(sizeof(float) * BH * plan.num_splits * m);
@@ -171,13 +187,10 @@ inline SelectPlan make_select_plan(const SelectParams& p, double gamma, double t
   const size_t phase1_end = off;
 
   off = phase_start;
-  if (plan.any_query_aware && !plan.keep_all) {
-    const size_t per_head = sizeof(float) * NBq * (NBk + D) + kRadixStateBytes;
-    plan.heads_per_wave = std::max<int64_t>(1, std::min<int64_t>(BH, est_budget_bytes / per_head));
-    plan.waves = cdiv(BH, plan.heads_per_wave);
-    plan.off_poolq = take(sizeof(float) * plan.heads_per_wave * NBq * D);
+  if (step5) {
+    if (!plan.rep_pools_q) plan.off_poolq = take(sizeof(float) * plan.heads_per_wave * NBq * D);
     plan.off_est = take(sizeof(float) * plan.heads_per_wave * NBq * NBk);
-    plan.off_radix = take(kRadixStateBytes * plan.heads_per_wave);
+    if (!plan.rep_pools_q) plan.off_radix = take(kRadixStateBytes * plan.heads_per_wave);
   }
   plan.workspace_bytes = std::max(off, phase1_end);
   return plan;
