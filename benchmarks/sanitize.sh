@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # compute-sanitizer memcheck and racecheck on small block_sparse_attention cases (both
 # tile shapes, partial blocks, rows that see no key, GQA, Nq < Nk, validate=True) and
-# select_blocks cases (sparse, query-aware heads over several CTAs, ties at the cut, short inputs).
+# select_blocks cases (sparse, query-aware heads over several CTAs, ties at the cut, short inputs,
+# pool(Q) in the rep kernel).
 # Fails on any reported error. Needs a GPU and flexprefill importable (PYTHONPATH).
 #   bash benchmarks/sanitize.sh
 set -euo pipefail
@@ -33,8 +34,9 @@ for D, bs, dtype in [(128, 128, torch.bfloat16), (128, 64, torch.float16), (max(
     torch.cuda.synchronize()
     assert torch.isfinite(out.float()).all()
 from flexprefill.workloads import structured_qkv
+# (D 64 with bs 128: on Hopper the rep kernel also pools Q; 16600 tokens: multi-CTA step 5)
 for N, Hq, Hkv, D, bs, tau in [(2500, 4, 4, 64, 64, 0.5), (700, 8, 2, 128, 128, 0.1), (9000, 4, 4, 64, 64, 0.5),
-                               (100, 2, 1, 64, 64, 0.1)]:
+                               (100, 2, 1, 64, 64, 0.1), (3000, 8, 2, 64, 128, 0.3), (16600, 2, 1, 64, 128, 0.5)]:
     q, k, _ = structured_qkv(1, N, Hq, Hkv, D, device="cuda", topic_len=2 * bs)
     sel = flexprefill.select_blocks(q, k, gamma=0.9, tau=tau, min_budget=64, block_size=bs)
     torch.cuda.synchronize()

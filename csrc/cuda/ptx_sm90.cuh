@@ -33,6 +33,12 @@ constexpr uint32_t kDescSw128Hi = (1024u >> 4) | (1u << 30);
 __device__ __forceinline__ uint32_t desc_sw128_lo(uint32_t addr) { return ((addr & 0x3FFFFu) >> 4) | (1u << 16); }
 __device__ __forceinline__ uint64_t desc_sw128_of(uint32_t lo) { return (uint64_t(kDescSw128Hi) << 32) | lo; }
 
+// wgmma descriptor of an operand without swizzle at `addr`: 8 x 16-byte core matrices,
+// `lbo` bytes apart along K, `sbo` bytes apart along M / N.
+__device__ __forceinline__ uint64_t desc_plain(uint32_t addr, uint32_t lbo, uint32_t sbo) {
+  return (uint64_t((sbo >> 4) & 0x3FFFu) << 32) | (((lbo >> 4) & 0x3FFFu) << 16) | ((addr & 0x3FFFFu) >> 4);
+}
+
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
 template <int N>
@@ -78,6 +84,10 @@ __device__ __forceinline__ void tma_load_4d(uint32_t dst, const void* tmap, uint
 }
 
 // Keeps the compiler from moving accesses of the accumulator across a wgmma wait.
+__device__ __forceinline__ void fence_operands(float (&d)[4]) {
+#pragma unroll
+  for (int j = 0; j < 4; ++j) asm volatile("" : "+f"(d[j])::"memory");
+}
 __device__ __forceinline__ void fence_operands(float (&d)[8][4]) {
 #pragma unroll
   for (int n = 0; n < 8; ++n)
@@ -89,9 +99,7 @@ __device__ __forceinline__ void fence_operands(float (&d)[8][4]) {
 // of the group: row 16 w + g + 8 (j >> 1), column 8 n + 2 t4 + (j & 1) (g = lane / 4,
 // t4 = lane % 4), as the m16n8 accumulators of mma.sync. `rs`: A from registers (the
 // m16n8k16 A fragment of the warp's 16 rows); `ss`: A from a descriptor. B from a
-// descriptor (K-major: B's 64 columns are rows of 16 values in shared memory); `rs_mn`: B
-// MN-major (its 16 rows are rows of 64 values: a 128-byte-swizzled tile, k16 steps 2048 B
-// apart, the same descriptor).
+// descriptor (K-major: B's 64 columns are rows of 16 values in shared memory).
 template <typename Element>
 struct Wgmma64x64;
 
@@ -117,16 +125,6 @@ struct Wgmma64x64;
           : FLEXPREFILL_WGMMA_D32                                                                              \
           : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(accumulate), "l"(desc_b));                         \
     }                                                                                                          \
-    /* B MN-major: B[k][n] at row k, 16-byte chunk n / 8 of a 128-byte-swizzled [k][64] tile */           \
-    __device__ __forceinline__ static void rs_mn(float (&d)[8][4], const uint32_t (&a)[4], uint64_t desc_b,    \
-                                                 int accumulate) {                                            \
-      asm volatile(                                                                                            \
-          "{\n.reg .pred p;\nsetp.ne.b32 p, %36, 0;\n"                                                        \
-          "wgmma.mma_async.sync.aligned.m64n64k16.f32." T "." T " " FLEXPREFILL_WGMMA_R32                      \
-          ", {%32, %33, %34, %35}, %37, p, 1, 1, 1;\n}\n"                                                     \
-          : FLEXPREFILL_WGMMA_D32                                                                              \
-          : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(accumulate), "l"(desc_b));                         \
-    }                                                                                                          \
     __device__ __forceinline__ static void ss(float (&d)[8][4], uint64_t desc_a, uint64_t desc_b,             \
                                               int accumulate) {                                               \
       asm volatile(                                                                                            \
@@ -140,6 +138,28 @@ struct Wgmma64x64;
 FLEXPREFILL_WGMMA_64x64(__nv_bfloat16, "bf16")
 FLEXPREFILL_WGMMA_64x64(__half, "f16")
 #undef FLEXPREFILL_WGMMA_64x64
+
+// d[64 x 8] (+)= A[64 x 16] B[16 x 8] on a warpgroup, fp32 accumulate, A M-major (`ss_ta`:
+// A's 16 K rows are rows of 64 values, a 128-byte-swizzled tile: the descriptor of
+// desc_sw128_of, k16 steps 2048 B apart) and B K-major by descriptor. d[j] of warp w of the
+// group: row 16 w + g + 8 (j >> 1), column 2 t4 + (j & 1).
+template <typename Element>
+struct Wgmma64x8;
+#define FLEXPREFILL_WGMMA_64x8(Element, T)                                                                     \
+  template <>                                                                                                  \
+  struct Wgmma64x8<Element> {                                                                                  \
+    __device__ __forceinline__ static void ss_ta(float (&d)[4], uint64_t desc_a, uint64_t desc_b,              \
+                                                 int accumulate) {                                            \
+      asm volatile(                                                                                            \
+          "{\n.reg .pred p;\nsetp.ne.b32 p, %6, 0;\n"                                                          \
+          "wgmma.mma_async.sync.aligned.m64n8k16.f32." T "." T " {%0, %1, %2, %3}, %4, %5, p, 1, 1, 1, 0;\n}\n" \
+          : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])                                                     \
+          : "l"(desc_a), "l"(desc_b), "r"(accumulate));                                                        \
+    }                                                                                                          \
+  };
+FLEXPREFILL_WGMMA_64x8(__nv_bfloat16, "bf16")
+FLEXPREFILL_WGMMA_64x8(__half, "f16")
+#undef FLEXPREFILL_WGMMA_64x8
 #undef FLEXPREFILL_WGMMA_R32
 #undef FLEXPREFILL_WGMMA_D32
 

@@ -47,8 +47,8 @@ __host__ __device__ constexpr bool rep_sm90_pools_q(int D, int m16) { return D =
 
 // Shared memory from the first 1024-byte boundary of the dynamic allocation (1 KB of slack):
 // the K ring (1024-byte aligned tiles), then Q̂ [atoms][hpc m rows][128 B] (swizzled), the
-// pooling partials, the pool(Q) buffer [hpc][m rows][128 B] (rep_sm90_pools_q) and the
-// mbarriers (the ring's, then pool(Q)'s).
+// pooling partials, the pool(Q) buffer [hpc][m rows][128 B] and 512 B of ones
+// (rep_sm90_pools_q) and the mbarriers (the ring's, then pool(Q)'s).
 __host__ __device__ inline RepSmem rep_sm90_smem_layout(int D, int m, int heads_per_cta, int m16) {
   RepSmem s;
   s.k_off = 0;
@@ -58,7 +58,7 @@ __host__ __device__ inline RepSmem rep_sm90_smem_layout(int D, int m, int heads_
   s.bar_off = s.pool_off + 2 * rep_pool_part_floats(max_threads, D) * 4;  // one mbarrier per stage
   if (rep_sm90_pools_q(D, m16) && m == 128) {
     s.qp_off = (s.bar_off + 1023) / 1024 * 1024;
-    s.bar_off = s.qp_off + heads_per_cta * m * 128;
+    s.bar_off = s.qp_off + heads_per_cta * m * 128 + 512;
   }
   s.total = s.bar_off + (rep_sm90_stages(D, m16) + 1) * 8 + 1024;
   return s;
@@ -142,13 +142,19 @@ __global__ void __launch_bounds__(RepSm90Shape<kM16>::kMaxThreads, RepSm90Shape<
   // key positions, Q rows counted from 0), one a key block: block j lands by TMA (box of 64
   // values x m rows x hpc heads, zeros past seqlen_q) while tiles 2j - 1 and 2j run, and at
   // tile 2j + 1 (or the split's last) warpgroup wg sums head wg's rows on the tensor cores
-  // (ones[64 x 16] x Q[16 rows x 64], eight k16 steps; every output row is the column sum).
+  // beside the tile's wgmma: Qᵀ[64 values x 16 rows] x ones[16 x 8], eight k16 steps (every
+  // output column is the row sum).
   constexpr bool kPoolQ = rep_sm90_pools_q(kD, kM16);
   const bool pool_q = kPoolQ && p.poolq != nullptr;  // (uniform)
   const int qb0 = split * (p.split_keys >> bs_shift);
   const int nqb = pool_q ? max(0, min(p.num_q_blocks - qb0, p.split_keys >> bs_shift)) : 0;
   const uint32_t qbar = bar0 + kStages * 8;
   const uint32_t qp_addr = smem_u32(smem + L.qp_off);
+  const uint32_t ones_addr = qp_addr + hpc * m * 128;
+  if (kPoolQ && pool_q && tid < 128) {  // B of the pooling wgmma (visible to it after the fence below)
+    constexpr uint32_t kOnes = kBf16 ? 0x3F803F80u : 0x3C003C00u;  // two 1.0 values
+    reinterpret_cast<uint32_t*>(smem + L.qp_off + hpc * m * 128)[tid] = kOnes;
+  }
   auto load_qblock = [&](int j) {
     sm90::mbar_arrive_expect_tx(qbar, hpc * m * 128);
     sm90::tma_load_4d(qp_addr, &tmap_q, qbar, 0, (qb0 + j) * bs, h_first, b);
@@ -242,6 +248,18 @@ __global__ void __launch_bounds__(RepSm90Shape<kM16>::kMaxThreads, RepSm90Shape<
         }
       }
     }
+    // pool(Q) at tile 2j + 1 (or the split's last); stored before the softmax sums.
+    float pacc[4];
+    const int qj = tile >> 1;
+    const bool pool_now = kPoolQ && qj < nqb && tile == min(2 * qj + 1, ntile - 1);  // (uniform)
+    if (pool_now) {
+      sm90::mbar_wait(qbar, qj & 1);
+      const uint32_t desc_p = sm90::desc_sw128_lo(qp_addr + wg * (m * 128));
+      const uint64_t desc_ones = sm90::desc_plain(ones_addr, 128, 256);
+#pragma unroll
+      for (int s = 0; s < 8; ++s)
+        sm90::Wgmma64x8<Element>::ss_ta(pacc, sm90::desc_sw128_of(desc_p + s * (2048 >> 4)), desc_ones, s > 0);
+    }
     sm90::wgmma_commit();
     // pool(K) while the tensor cores run (plain shared loads of the swizzled tile).
     if (pool.pools) {
@@ -257,33 +275,20 @@ __global__ void __launch_bounds__(RepSm90Shape<kM16>::kMaxThreads, RepSm90Shape<
     sm90::wgmma_wait<0>();
 #pragma unroll
     for (int mt = 0; mt < kM16; ++mt) sm90::fence_operands(acc[mt]);
+    if (pool_now) {
+      sm90::fence_operands(pacc);
+      if (t4 == 0) {  // pacc[0], pacc[2]: values 16 (warp % 4) + g and + 8 of the head's block
+        const int qb = qb0 + qj;
+        const float count = static_cast<float>(min(bs, p.seqlen_q - qb * bs));
+        float* out = p.poolq + ((static_cast<int64_t>(b) * p.heads_q + h) * p.num_q_blocks + qb) * kD +
+                     16 * (warp & 3) + g;
+        out[0] = pacc[0] / count;
+        out[8] = pacc[2] / count;
+      }
+    }
     rep_tile_sums<kM16>(acc, st, tl, P0 + row0, p.scale_log2, p.rec + ((head * p.num_k_blocks + c) * 3) * m + row0,
                         m, g, t4);
     if (pool.pools && tl.last_in_block) pool.stash(pool_part, c);
-    if constexpr (kPoolQ) {
-      const int j = tile >> 1;
-      if (j < nqb && tile == min(2 * j + 1, ntile - 1)) {
-        sm90::mbar_wait(qbar, j & 1);
-        constexpr uint32_t kOnes = kBf16 ? 0x3F803F80u : 0x3C003C00u;  // two 1.0 values
-        const uint32_t ones[4] = {kOnes, kOnes, kOnes, kOnes};
-        const uint32_t desc_p = sm90::desc_sw128_lo(qp_addr + wg * (m * 128));
-        float pacc[8][4];
-        sm90::wgmma_fence();
-#pragma unroll
-        for (int s = 0; s < 8; ++s) Mma::rs_mn(pacc, ones, sm90::desc_sw128_of(desc_p + s * (2048 >> 4)), s > 0);
-        sm90::wgmma_commit();
-        sm90::wgmma_wait<0>();
-        sm90::fence_operands(pacc);
-        if ((warp & 3) == 0) {  // pacc[n][0..1]: columns 8 n + 2 t4 + (0, 1); lane group g writes n = g
-          const int qb = qb0 + j;
-          const float count = static_cast<float>(min(bs, p.seqlen_q - qb * bs));
-          float* out = p.poolq + ((static_cast<int64_t>(b) * p.heads_q + h) * p.num_q_blocks + qb) * kD + 2 * t4;
-#pragma unroll
-          for (int n = 0; n < 8; ++n)
-            if (g == n) *reinterpret_cast<float2*>(out + 8 * n) = make_float2(pacc[n][0] / count, pacc[n][1] / count);
-        }
-      }
-    }
   }
   rep_split_end(st, pool, p, pool_part, head, split, m, row0, b, hk, ntile,
                 [&] { return (ks + (ntile - 1) * kTileKeys) >> bs_shift; }, g, t4, tid);
