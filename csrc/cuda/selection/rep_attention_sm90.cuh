@@ -9,7 +9,9 @@
 // this removes the per-warp ldmatrix traffic and the MMA issue slots of every tile. Two
 // shapes (RepSm90Shape): 32 rows a warp (two m64 tiles a warpgroup, Q̂ by descriptor,
 // two CTAs per SM) up to D = 128 with m a multiple of 128; else 16 rows a warp (one CTA
-// per SM; Q̂ fragments in registers up to D = 128, by descriptor at D = 256).
+// per SM; Q̂ fragments in registers up to D = 128, by descriptor at D = 256). At D = 64 with
+// m = 128 the pass can also pool Q for step 5 (rep_sm90_pools_q), so that the query-aware
+// step needs no pass of its own over Q.
 #pragma once
 
 #include <cuda.h>
@@ -150,8 +152,8 @@ __global__ void __launch_bounds__(RepSm90Shape<kM16>::kMaxThreads, RepSm90Shape<
   const int nqb = pool_q ? max(0, min(p.num_q_blocks - qb0, p.split_keys >> bs_shift)) : 0;
   const uint32_t qbar = bar0 + kStages * 8;
   const uint32_t qp_addr = smem_u32(smem + L.qp_off);
-  const uint32_t ones_addr = qp_addr + hpc * m * 128;
-  if (kPoolQ && pool_q && tid < 128) {  // B of the pooling wgmma (visible to it after the fence below)
+  const uint32_t ones_addr = qp_addr + hpc * m * 128;  // B of the pooling wgmma: 512 B of 1.0
+  if (pool_q && tid < 128) {  // (visible to the wgmma after the proxy fence below)
     constexpr uint32_t kOnes = kBf16 ? 0x3F803F80u : 0x3C003C00u;  // two 1.0 values
     reinterpret_cast<uint32_t*>(smem + L.qp_off + hpc * m * 128)[tid] = kOnes;
   }
