@@ -215,11 +215,20 @@ __global__ void __launch_bounds__(RepSm90Shape<kM16>::kMaxThreads, RepSm90Shape<
     return (pr >> 5) * (kTileKeys * 128) + r * 128 + ((((pr >> 2) & 7) ^ (r & 7)) << 4) + (pr & 3) * 4;
   };
 
+  // A barrier at the first tile of every key block (pool(K)'s partials and the pool(Q) buffer
+  // need one there) and, when the ring is at least two tiles deeper than a block, none between:
+  // at a barrier tile every warp is done with the earlier tiles, so thread 0 refills all their
+  // stages (tiles up to tile + kStages - 1) and every tile is issued >= kStages - sync_every
+  // >= 2 tiles ahead. Shallower rings keep a barrier (and a refill) at every tile.
+  const int tiles_per_block = max(1, bs / kTileKeys);
+  const int sync_every = kStages - tiles_per_block >= 2 ? tiles_per_block : 1;
+  int issued = min(kStages - 1, ntile);  // (thread 0) tiles [0, issued) are loading
   for (int tile = 0; tile < ntile; ++tile) {
-    if (tile > 0) __syncthreads();  // everyone is done with tile - 1's buffer
-    if (tid == 0) {
-      const int nt = tile + kStages - 1;
-      if (nt < ntile) load_k(nt, nt % kStages);
+    const bool sync_tile = tile % sync_every == 0;  // (uniform; the splits start at a block)
+    if (tile > 0 && sync_tile) __syncthreads();  // everyone is done with the tiles before `tile`
+    if (tid == 0 && sync_tile) {
+      for (const int upto = min(tile + kStages, ntile); issued < upto; ++issued) load_k(issued, issued % kStages);
+      // (pool(Q): even tiles start a block at bs = 128, so they are barrier tiles)
       if (kPoolQ && tile > 0 && (tile & 1) == 0 && (tile >> 1) < nqb) load_qblock(tile >> 1);  // buffer free
     }
     const int buf = tile % kStages;
