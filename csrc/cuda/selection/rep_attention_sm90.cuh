@@ -220,14 +220,20 @@ __global__ void __launch_bounds__(RepSm90Shape<kM16>::kMaxThreads, RepSm90Shape<
   // at a barrier tile every warp is done with the earlier tiles, so thread 0 refills all their
   // stages (tiles up to tile + kStages - 1) and every tile is issued >= kStages - sync_every
   // >= 2 tiles ahead. Shallower rings keep a barrier (and a refill) at every tile.
+  constexpr bool kBlockSync = kStages >= 4;
   const int tiles_per_block = max(1, bs / kTileKeys);
-  const int sync_every = kStages - tiles_per_block >= 2 ? tiles_per_block : 1;
-  int issued = min(kStages - 1, ntile);  // (thread 0) tiles [0, issued) are loading
+  const int sync_every = kBlockSync && kStages - tiles_per_block >= 2 ? tiles_per_block : 1;
+  int issued = min(kStages - 1, ntile);  // (thread 0, kBlockSync) tiles [0, issued) are loading
   for (int tile = 0; tile < ntile; ++tile) {
     const bool sync_tile = tile % sync_every == 0;  // (uniform; the splits start at a block)
     if (tile > 0 && sync_tile) __syncthreads();  // everyone is done with the tiles before `tile`
     if (tid == 0 && sync_tile) {
-      for (const int upto = min(tile + kStages, ntile); issued < upto; ++issued) load_k(issued, issued % kStages);
+      if constexpr (kBlockSync) {
+        for (const int upto = min(tile + kStages, ntile); issued < upto; ++issued) load_k(issued, issued % kStages);
+      } else {
+        const int nt = tile + kStages - 1;
+        if (nt < ntile) load_k(nt, nt % kStages);
+      }
       // (pool(Q): even tiles start a block at bs = 128, so they are barrier tiles)
       if (kPoolQ && tile > 0 && (tile & 1) == 0 && (tile >> 1) < nqb) load_qblock(tile >> 1);  // buffer free
     }
