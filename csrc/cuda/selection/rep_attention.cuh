@@ -87,6 +87,22 @@ __host__ __device__ inline RepSmem rep_smem_layout(int D, int m, int heads_per_c
   return s;
 }
 
+// mean(Q̂) [B, Hq, D] of the CTA's heads (split 0 of both kernels): thread per (head, dim),
+// the m rows summed in order; bits(hl, r, d) -> the stored element of head hl's row r.
+template <bool kBf16, int kD, typename Bits>
+__device__ __forceinline__ void rep_qhat_mean(const RepParams& p, int b, int h_first, int hpc, int m, int tid,
+                                              int nthreads, Bits bits) {
+  for (int idx = tid; idx < hpc * kD; idx += nthreads) {
+    const int hl = idx / kD, d = idx - hl * kD;
+    float s = 0.f;
+    for (int r = 0; r < m; ++r) {
+      const uint16_t x = bits(hl, r, d);
+      s += kBf16 ? __uint_as_float(static_cast<uint32_t>(x) << 16) : __half2float(__ushort_as_half(x));
+    }
+    p.qhat_mean[(static_cast<int64_t>(b) * p.heads_q + h_first + hl) * kD + d] = s / static_cast<float>(m);
+  }
+}
+
 __device__ __forceinline__ float fast_exp2(float x) {  // 2^x; -inf -> 0 (ex2.approx.ftz)
   float y;
   asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
@@ -481,17 +497,9 @@ __global__ void __launch_bounds__(256, rep_ctas_per_sm(kD)) rep_kernel(const Rep
 
   cp_async_wait<kStages - 2>();  // Q̂ and tile 0 have landed (for this thread)
   __syncthreads();
-  if (split == 0) {  // mean(Q̂) of the CTA's heads: thread per (head, dim), rows in order
-    for (int idx = tid; idx < hpc * kD; idx += nthreads) {
-      const int hl = idx / kD, d = idx - hl * kD;
-      float s = 0.f;
-      for (int r = 0; r < m; ++r) {
-        const uint16_t bits = Qs[(hl * m + r) * ld + d];
-        s += kBf16 ? __uint_as_float(static_cast<uint32_t>(bits) << 16) : __half2float(__ushort_as_half(bits));
-      }
-      p.qhat_mean[(static_cast<int64_t>(b) * p.heads_q + h_first + hl) * kD + d] = s / static_cast<float>(m);
-    }
-  }
+  if (split == 0)
+    rep_qhat_mean<kBf16, kD>(p, b, h_first, hpc, m, tid, nthreads,
+                             [&](int hl, int r, int d) { return Qs[(hl * m + r) * ld + d]; });
   for (int tile = 0; tile < ntile; ++tile) {
     if (tile > 0) {
       cp_async_wait<kStages - 2>();

@@ -181,18 +181,11 @@ __global__ void __launch_bounds__(RepSm90Shape<kM16>::kMaxThreads, RepSm90Shape<
   cp_async_wait<0>();  // Q̂ has landed (for this thread)
   sm90::fence_proxy_async_smem();
   __syncthreads();
-  if (split == 0) {  // mean(Q̂) of the CTA's heads: thread per (head, dim), rows in order
-    for (int idx = tid; idx < hpc * kD; idx += nthreads) {
-      const int hl = idx / kD, d = idx - hl * kD;
-      float s = 0.f;
-      for (int r = 0; r < m; ++r) {
-        const uint16_t bits =
-            *reinterpret_cast<const uint16_t*>(Qs + sm90::sw128_offset(q_slot(hl * m + r), d >> 3, qrows) + (d & 7) * 2);
-        s += kBf16 ? __uint_as_float(static_cast<uint32_t>(bits) << 16) : __half2float(__ushort_as_half(bits));
-      }
-      p.qhat_mean[(static_cast<int64_t>(b) * p.heads_q + h_first + hl) * kD + d] = s / static_cast<float>(m);
-    }
-  }
+  if (split == 0)
+    rep_qhat_mean<kBf16, kD>(p, b, h_first, hpc, m, tid, nthreads, [&](int hl, int r, int d) {
+      return *reinterpret_cast<const uint16_t*>(Qs + sm90::sw128_offset(q_slot(hl * m + r), d >> 3, qrows) +
+                                                (d & 7) * 2);
+    });
   // A operand: the warp's 16 rows (CTA rows 16 warp ..) as m16n8k16 fragments (ldmatrix:
   // rows lane & 15, chunk 2 step + lane / 16), or the warpgroup's 64 rows by descriptor.
   constexpr int kARegSteps = kARegs ? kSteps : 1;
