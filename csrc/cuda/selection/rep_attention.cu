@@ -26,10 +26,6 @@ cudaError_t launch_dim(const RepParams& p, int batch, bool is_bf16, cudaStream_t
   return is_bf16 ? launch_rep<true, D>(p, batch, stream) : launch_rep<false, D>(p, batch, stream);
 }
 
-}  // namespace
-
-namespace {
-
 // A 4-d tensor map of 16-bit values, 128-byte swizzle: dims innermost first, strides (in
 // elements) of dims 1-3; a dim of extent 1 gets any valid stride (it is never stepped).
 cudaError_t encode_4d(CUtensorMap* map, const uint16_t* base, const int64_t (&dim)[4], const int64_t (&stride)[3],

@@ -215,7 +215,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> select_blocks_cuda(const at::Tens
   }
 
   if (overlap) {
-    const bool small = p.num_q_blocks * p.num_k_blocks <= selection::kQaSmallMax;
+    const bool small = selection::qa_one_cta(p);
     for (int64_t wave = 0; wave < plan.waves; ++wave) {
       const int64_t head0 = wave * plan.heads_per_wave;
       // (pool(Q) also clears the multi-CTA selection's bitmask words and radix state; with

@@ -65,7 +65,7 @@ __global__ void __launch_bounds__(kRecThreads) finish_records_kernel(const Selec
   const int64_t c0 = static_cast<int64_t>(blockIdx.x) * kRecBlocks;
   const int64_t c1 = c0 + kRecBlocks < NBk ? c0 + kRecBlocks : NBk;
   const float* rec = w.rec + head * NBk * 3 * m;
-  if (plan.rep_pools_q && p.num_q_blocks * NBk > kQaSmallMax) {
+  if (plan.rep_pools_q && p.num_q_blocks * NBk > kQaSmallMax) {  // (!qa_one_cta(p))
     // qa_pool's other duty when the rep kernel wrote pool(Q) (one wave, slot = head): clear
     // the head's query-aware bitmask words and its radix state for the multi-CTA selection.
     const int64_t first = static_cast<int64_t>(blockIdx.x) * kRecThreads + tid;
@@ -831,7 +831,7 @@ inline cudaError_t launch_finish(const SelectParams& p, const SelectPlan& plan, 
 inline cudaError_t launch_qa_pool(const SelectParams& p, const SelectPlan& plan, const SelectBuffers& w, int64_t head0,
                                   cudaStream_t s) {
   const dim3 grid(p.num_q_blocks, plan.heads_per_wave);
-  const bool small = p.num_q_blocks * p.num_k_blocks <= kQaSmallMax;  // qa_select_small clears its own words
+  const bool small = qa_one_cta(p);  // qa_select_small clears its own words
   return launch_chained(p.is_bf16 ? qa_pool_kernel<true> : qa_pool_kernel<false>, grid, kQaPoolThreads, 0, s, p,
                         head0, static_cast<const bool*>(p.query_aware), w.poolq, small ? nullptr : w.qa,
                         static_cast<int64_t>(plan.qa_words), w.radix);
@@ -839,7 +839,7 @@ inline cudaError_t launch_qa_pool(const SelectParams& p, const SelectPlan& plan,
 inline cudaError_t launch_qa_estimate(const SelectParams& p, const SelectPlan& plan, const SelectBuffers& w,
                                       int64_t head0, cudaStream_t s) {
   const dim3 grid((p.num_q_blocks + kQaRows - 1) / kQaRows, plan.heads_per_wave);
-  const bool small = p.num_q_blocks * p.num_k_blocks <= kQaSmallMax;  // qa_select_small: no radix levels
+  const bool small = qa_one_cta(p);  // qa_select_small: no radix levels
   return launch_chained(qa_estimate_kernel, grid, kQaThreads, 0, s, p, head0, static_cast<const bool*>(p.query_aware),
                         static_cast<const float*>(w.pool_k), static_cast<const float*>(w.poolq), w.est,
                         small ? nullptr : w.radix, static_cast<uint32_t>(plan.n_allowed));

@@ -13,7 +13,8 @@
 //              bitmasks); with query-aware heads possible, the selection runs on a side
 //              stream beside step 5 (forked after the decision, joined before assemble)
 //                                                                                  (steps 2-4)
-//   per wave of heads: qa_pool (pool(Q), unless the rep kernel wrote it), qa_estimate (logits, row softmax), then the selection:
+//   per wave of heads: qa_pool (pool(Q), unless the rep kernel wrote it), qa_estimate
+//              (logits, row softmax), then the selection:
 //              one CTA per head (qa_select_small) when NBq * NBk <= kQaSmallMax, else
 //              a radix descent over many CTAs per head: level 0 in qa_estimate, levels 1
 //              and 2 in qa_radix_level (2 launches), then qa_mark                  (step 5)
@@ -105,6 +106,11 @@ inline SelectBuffers select_buffers(const SelectPlan& plan, void* workspace) {
                        f(plan.off_lse2),     f(plan.off_slash),
                        f(plan.off_poolq),    f(plan.off_est),       base + plan.off_radix};
 }
+
+// Step 5 selects a head's query-aware blocks on one CTA (qa_select_small) up to kQaSmallMax
+// estimate entries; beyond, with the multi-CTA radix descent (qa_estimate's level 0,
+// qa_radix_level, qa_mark), whose bitmask words and radix state start cleared.
+inline bool qa_one_cta(const SelectParams& p) { return p.num_q_blocks * p.num_k_blocks <= kQaSmallMax; }
 
 // Causal key-block bound of query block r: hi_r // bs (reference `_block_rows`).
 inline int64_t last_causal_block(int64_t r, int64_t Nq, int64_t Nk, int64_t bs) {
