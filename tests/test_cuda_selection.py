@@ -157,6 +157,10 @@ TIE_MARGIN = 1e-4
 def test_select_blocks_matches_reference(case):
     """Identical to the reference on every head whose decisions are not ties within fp32
     noise (relative margin >= 1e-4); such near-ties are reported and must stay rare."""
+    check_against_reference(case)
+
+
+def check_against_reference(case):
     B, Nq, Nk, Hq, Hkv, D, bs, *_ = case
     q, k = make_qk(case)
     args = case_args(case)
@@ -177,6 +181,29 @@ def test_select_blocks_matches_reference(case):
     if ties:
         print(f"near-ties (accepted): {ties}")
     assert len(ties) <= max(1, B * Hq // 8), f"too many near-tie heads: {ties}"
+
+
+@pytest.mark.parametrize("split", [1024, 2048, 8192])
+@pytest.mark.parametrize("case", [CASES[2], CASES[3], CASES[12], CASES[13]],
+                         ids=lambda c: "-".join(str(x).replace("torch.", "") for x in c))
+def test_long_rep_splits(monkeypatch, case, split):
+    """The plan shortens the rep kernel's key splits until its CTAs fill the GPU, so inputs of
+    test size only ever run 256-key splits; long prompts run 1024- and 2048-key ones.
+    FLEXPREFILL_TEST_REP_SPLIT forces them (8192: one split for every key here): the scores
+    match fp32 and the selection matches the reference as at the default split."""
+    monkeypatch.setenv("FLEXPREFILL_TEST_REP_SPLIT", str(split))
+    check_against_reference(case)
+    B, Nq, Nk, Hq, Hkv, D, bs, *_ = case
+    q, k = make_qk(case)
+    lse, vert, slash, _ = torch.ops.flexprefill._selection_scores(q, k, bs, None, 0.1)
+    for b, h in [(0, 0), (B - 1, Hq - 1)]:
+        rv, rs, rl = reference_scores(q[b, :, h].cpu(), k[b, :, h // (Hq // Hkv)].cpu(), bs, 1 / math.sqrt(D))
+        torch.testing.assert_close(lse[b, h].cpu(), rl, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(vert[b, h].cpu(), rv, rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(slash[b, h].cpu(), rs, rtol=1e-4, atol=1e-7)
+    monkeypatch.setenv("FLEXPREFILL_TEST_REP_SPLIT", "300")
+    with pytest.raises(RuntimeError, match="FLEXPREFILL_TEST_REP_SPLIT must be a positive multiple of 256"):
+        flexprefill.select_blocks(q, k, **case_args(case))
 
 
 @pytest.mark.parametrize("n", [3000, 9000])

@@ -52,12 +52,27 @@ size_t est_budget_bytes() {
   return static_cast<size_t>(n);
 }
 
+// Testing hook: FLEXPREFILL_TEST_REP_SPLIT (keys, a positive multiple of kSplitKeysMin)
+// replaces the rep kernel's keys per CTA, which the plan otherwise shortens until the CTAs
+// fill the GPU: test-sized inputs would only ever run the shortest splits
+// (tests/test_cuda_selection.py). Unset in normal use: 0.
+int64_t rep_split_override() {
+  const char* v = std::getenv("FLEXPREFILL_TEST_REP_SPLIT");
+  if (v == nullptr || *v == '\0') return 0;
+  char* end = nullptr;
+  const long long n = std::strtoll(v, &end, 10);
+  TORCH_CHECK(end != nullptr && *end == '\0' && n > 0 && n % selection::kSplitKeysMin == 0 && n <= (1 << 24),
+              "FLEXPREFILL_TEST_REP_SPLIT must be a positive multiple of ", selection::kSplitKeysMin,
+              " keys (at most 2^24), got '", v, "'");
+  return n;
+}
+
 // The plan of a call on the current device.
 SelectPlan plan_of(const SelectParams& p, double gamma, double tau) {
   const selection::RepConfig rc = rep_config_of(p, std::min(p.block_size, p.seqlen_q));
   const int num_sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   return selection::make_select_plan(p, gamma, tau, num_sms * rc.ctas_per_sm, rc.heads_per_cta, est_budget_bytes(),
-                                     rc.pools_q);
+                                     rc.pools_q, rep_split_override());
 }
 
 selection::RepParams rep_params(const SelectParams& p, const SelectPlan& plan, const SelectBuffers& w) {

@@ -32,7 +32,7 @@ namespace selection {
 
 constexpr int kTileKeys = 64;             // keys per tensor-core tile of the rep kernel
 constexpr int kRowsPerWarp = 32;          // representative rows per warp (two m16 tiles)
-constexpr int kSplitKeysMax = 1024;       // keys per CTA of the rep kernel (a multiple of every bs)
+constexpr int kSplitKeysMax = 2048;       // keys per CTA of the rep kernel (a multiple of every bs)
 constexpr int kSplitKeysMin = 256;
 constexpr int64_t kQaSmallMax = 16384;    // estimate entries per head selected by one CTA
 constexpr int64_t kQaChunkMin = 4096, kQaChunkMax = 32768;  // entries per CTA of the multi-CTA selection
@@ -122,10 +122,12 @@ inline int64_t last_causal_block(int64_t r, int64_t Nq, int64_t Nk, int64_t bs) 
 // heads per CTA of it (both from rep_config); est_budget_bytes: step-5 scratch of one wave of
 // heads (tests lower it to reach the several-wave path on short inputs); rep_pools_q: the rep
 // kernel can write pool(Q) of every head (rep_config's pools_q), used when step 5 runs in one
-// wave (then poolq and the radix state are persistent buffers, zeroed by the records kernel).
+// wave (then poolq and the radix state are persistent buffers, zeroed by the records kernel);
+// rep_split_keys: keys per CTA of the rep kernel when nonzero (tests: a multiple of
+// kSplitKeysMin), else the rule below.
 inline SelectPlan make_select_plan(const SelectParams& p, double gamma, double tau, int rep_slots,
                                    int rep_heads_per_cta, size_t est_budget_bytes = kEstBudgetBytes,
-                                   bool rep_pools_q = false) {
+                                   bool rep_pools_q = false, int64_t rep_split_keys = 0) {
   SelectPlan plan;
   const int64_t bs = p.block_size, Nq = p.seqlen_q, Nk = p.seqlen_k;
   const int64_t NBq = p.num_q_blocks, NBk = p.num_k_blocks;
@@ -146,6 +148,7 @@ inline SelectPlan make_select_plan(const SelectParams& p, double gamma, double t
   const int64_t per_cta = std::max(1, rep_heads_per_cta);
   const int64_t slots = rep_slots;
   while (split > kSplitKeysMin && 10 * (BH / per_cta) * cdiv(Nk, split) < 9 * slots) split /= 2;
+  if (rep_split_keys > 0) split = rep_split_keys;
   plan.split_keys = split;
   plan.num_splits = cdiv(Nk, split);
 
