@@ -66,5 +66,6 @@ def short_name(name: str) -> str:
     base = name.replace("void ", "").split("(")[0].split("<")[0].split("::")[-1]
     return base[:-len("_kernel")] if base.endswith("_kernel") else base
 
+
 if __name__ == "__main__":
     main()

@@ -184,13 +184,14 @@ def check_against_reference(case):
 
 
 @pytest.mark.parametrize("split", [1024, 2048, 8192])
-@pytest.mark.parametrize("case", [CASES[2], CASES[3], CASES[12], CASES[13]],
+@pytest.mark.parametrize("case", [CASES[2], CASES[3], CASES[6], CASES[12], CASES[13]],
                          ids=lambda c: "-".join(str(x).replace("torch.", "") for x in c))
 def test_long_rep_splits(monkeypatch, case, split):
     """The plan shortens the rep kernel's key splits until its CTAs fill the GPU, so inputs of
     test size only ever run 256-key splits; long prompts run 1024- and 2048-key ones.
     FLEXPREFILL_TEST_REP_SPLIT forces them (8192: one split for every key here): the scores
-    match fp32 and the selection matches the reference as at the default split."""
+    match fp32 and the selection matches the reference as at the default split. Head dims
+    64, 128, 256 (the wgmma kernel on Hopper) and 80 (the mma.sync kernel everywhere)."""
     monkeypatch.setenv("FLEXPREFILL_TEST_REP_SPLIT", str(split))
     check_against_reference(case)
     B, Nq, Nk, Hq, Hkv, D, bs, *_ = case
