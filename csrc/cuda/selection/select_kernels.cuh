@@ -658,7 +658,7 @@ __global__ void __launch_bounds__(kSelectThreads) qa_radix_level_kernel(const Se
   __shared__ uint32_t is_last;
   constexpr int kShift[3] = {21, 10, 0};
   constexpr uint32_t kMask[3] = {0x7ffu, 0x7ffu, 0x3ffu};
-  const int64_t hw = query_aware_slot(p, query_aware, head0, gridDim.y, blockIdx.y), head = head0 + hw;
+  const int64_t hw = query_aware_slot(p, query_aware, head0, gridDim.y, blockIdx.y);
   if (hw < 0) return;
   GridRadixState* st = radix_state(ws, hw);
   uint32_t* gh = radix_global_hist(ws, hw);
