@@ -39,32 +39,32 @@ selection::RepConfig rep_config_of(const SelectParams& p, int64_t m) {
                                static_cast<int>(m), static_cast<int>(p.heads_q / p.heads_kv));
 }
 
-// Testing hook: FLEXPREFILL_TEST_QA_WAVE_BYTES (a byte count) replaces the step-5 scratch
-// budget per wave of heads (kEstBudgetBytes), so that small inputs take the several-wave path
-// that only long prompts take otherwise (tests/test_cuda_selection.py). Unset in normal use.
-size_t est_budget_bytes() {
-  const char* v = std::getenv("FLEXPREFILL_TEST_QA_WAVE_BYTES");
-  if (v == nullptr || *v == '\0') return selection::kEstBudgetBytes;
-  char* end = nullptr;
-  const unsigned long long n = std::strtoull(v, &end, 10);
-  TORCH_CHECK(end != nullptr && *end == '\0' && n > 0,
-              "FLEXPREFILL_TEST_QA_WAVE_BYTES must be a positive byte count, got '", v, "'");
-  return static_cast<size_t>(n);
-}
-
-// Testing hook: FLEXPREFILL_TEST_REP_SPLIT (keys, a positive multiple of kSplitKeysMin)
-// replaces the rep kernel's keys per CTA, which the plan otherwise shortens until the CTAs
-// fill the GPU: test-sized inputs would only ever run the shortest splits
-// (tests/test_cuda_selection.py). Unset in normal use: 0.
-int64_t rep_split_override() {
-  const char* v = std::getenv("FLEXPREFILL_TEST_REP_SPLIT");
+// A testing hook's value: the positive integer in environment variable `name` (a multiple of
+// `multiple` <= `max`, counting `unit`s), or 0 when it is unset or empty; anything else is an
+// error that says what the hook takes.
+int64_t test_hook(const char* name, const char* unit, int64_t multiple, int64_t max) {
+  const char* v = std::getenv(name);
   if (v == nullptr || *v == '\0') return 0;
   char* end = nullptr;
   const long long n = std::strtoll(v, &end, 10);
-  TORCH_CHECK(end != nullptr && *end == '\0' && n > 0 && n % selection::kSplitKeysMin == 0 && n <= (1 << 24),
-              "FLEXPREFILL_TEST_REP_SPLIT must be a positive multiple of ", selection::kSplitKeysMin,
-              " keys (at most 2^24), got '", v, "'");
+  TORCH_CHECK(end != v && *end == '\0' && n > 0 && n % multiple == 0 && n <= max, name, " must be a positive ",
+              multiple == 1 ? c10::str(unit) : c10::str("multiple of ", multiple, " ", unit, " (at most ", max, ")"),
+              ", got '", v, "'");
   return n;
+}
+
+// Testing hooks (tests/test_cuda_selection.py; unset in normal use):
+// FLEXPREFILL_TEST_QA_WAVE_BYTES replaces the step-5 scratch budget per wave of heads
+// (kEstBudgetBytes), so that small inputs take the several-wave path that only long prompts
+// take otherwise; FLEXPREFILL_TEST_REP_SPLIT replaces the rep kernel's keys per CTA, which the
+// plan otherwise shortens until the CTAs fill the GPU (test-sized inputs would only ever run
+// the shortest splits).
+size_t est_budget_bytes() {
+  const int64_t n = test_hook("FLEXPREFILL_TEST_QA_WAVE_BYTES", "byte count", 1, int64_t(1) << 40);
+  return n > 0 ? static_cast<size_t>(n) : selection::kEstBudgetBytes;
+}
+int64_t rep_split_override() {
+  return test_hook("FLEXPREFILL_TEST_REP_SPLIT", "keys", selection::kSplitKeysMin, int64_t(1) << 24);
 }
 
 // The plan of a call on the current device.

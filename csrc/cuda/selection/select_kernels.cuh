@@ -65,7 +65,7 @@ __global__ void __launch_bounds__(kRecThreads) finish_records_kernel(const Selec
   const int64_t c0 = static_cast<int64_t>(blockIdx.x) * kRecBlocks;
   const int64_t c1 = c0 + kRecBlocks < NBk ? c0 + kRecBlocks : NBk;
   const float* rec = w.rec + head * NBk * 3 * m;
-  if (plan.rep_pools_q && p.num_q_blocks * NBk > kQaSmallMax) {  // (!qa_one_cta(p))
+  if (plan.rep_pools_q && !qa_one_cta(p)) {
     // qa_pool's other duty when the rep kernel wrote pool(Q) (one wave, slot = head): clear
     // the head's query-aware bitmask words and its radix state for the multi-CTA selection.
     const int64_t first = static_cast<int64_t>(blockIdx.x) * kRecThreads + tid;

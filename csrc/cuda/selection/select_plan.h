@@ -110,6 +110,9 @@ inline SelectBuffers select_buffers(const SelectPlan& plan, void* workspace) {
 // Step 5 selects a head's query-aware blocks on one CTA (qa_select_small) up to kQaSmallMax
 // estimate entries; beyond, with the multi-CTA radix descent (qa_estimate's level 0,
 // qa_radix_level, qa_mark), whose bitmask words and radix state start cleared.
+#if defined(__CUDACC__)
+__host__ __device__
+#endif
 inline bool qa_one_cta(const SelectParams& p) { return p.num_q_blocks * p.num_k_blocks <= kQaSmallMax; }
 
 // Causal key-block bound of query block r: hi_r // bs (reference `_block_rows`).
