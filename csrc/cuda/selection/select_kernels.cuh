@@ -740,16 +740,28 @@ __global__ void __launch_bounds__(kSelectThreads) qa_mark_kernel(const SelectPar
   }
 }
 
-__device__ __forceinline__ bool test_bit(const uint32_t* words, int i) { return (__ldg(words + (i >> 5)) >> (i & 31)) & 1u; }
-
 // Steps 4-7 together: kv_count [B, Hq, NBq], kv_index [B, Hq, NBq, NBk] (ascending, then
-// zeros). One warp per query block; grid (ceil(NBq / 4), Hq, B), 128 threads. 32-bit
-// positions (the op limits lengths to int32) and shifts for the block size (a power of two).
+// zeros). One warp per query block; grid (ceil(NBq / 4), Hq, B), 128 threads. Each lane owns
+// 8 consecutive columns of a 256-column chunk, so a chunk's bitmask loads are issued at once
+// (one round trip per chunk instead of one per 32 columns); the kept columns are ranked by a
+// warp scan, staged in shared memory and stored coalesced. 32-bit positions (the op limits
+// lengths to int32) and shifts for the block size (a power of two).
+constexpr int kAssembleChunk = 256;  // columns per warp pass: 32 lanes x 8
+
+// Bits [i, i + 8) of a bitmask of `nwords` words (bits past the end read as 0).
+__device__ __forceinline__ uint32_t bits8_at(const uint32_t* words, int64_t nwords, int64_t i) {
+  const int64_t w = i >> 5;
+  const uint32_t lo = __ldg(words + w);
+  const uint32_t hi = (i & 31) > 24 && w + 1 < nwords ? __ldg(words + w + 1) : 0u;
+  return __funnelshift_r(lo, hi, static_cast<uint32_t>(i & 31)) & 0xffu;
+}
+
 __global__ void assemble_kernel(const SelectParams p, const SelectPlan plan, const uint32_t* cols,
                                 const uint32_t* bins, const uint32_t* qa, bool all_causal) {
+  __shared__ int32_t stage[kAssembleRowsPerCta][kAssembleChunk];
   pdl_grid_sync();
-  const int lane = threadIdx.x & 31;
-  const int r = static_cast<int>(blockIdx.x) * kAssembleRowsPerCta + (threadIdx.x >> 5);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int r = static_cast<int>(blockIdx.x) * kAssembleRowsPerCta + warp;
   if (r >= p.num_q_blocks) return;
   const int64_t h = blockIdx.y, b = blockIdx.z, head = b * p.heads_q + h;
   const int bs = static_cast<int>(p.block_size), sh = __ffs(bs) - 1;
@@ -768,23 +780,58 @@ __global__ void assemble_kernel(const SelectParams p, const SelectPlan plan, con
     const uint32_t* cw = cols + head * plan.cols_words;
     const uint32_t* tw = bins + head * plan.cols_words;
     const uint32_t* qw = plan.any_query_aware ? qa + head * plan.qa_words : nullptr;
-    for (int c0 = 0; c0 <= chi; c0 += 32) {
-      const int c = c0 + lane;
-      bool keep = false;
-      if (c <= chi) {  // every bitmask load issued at once (no chain of dependent loads)
-        const bool col = test_bit(cw, c);
-        const bool qsel = qw && test_bit(qw, r * NBk + c);
-        // A selected distance in [lo - c bs - bs + 1, hi - c bs] (bins of bs): <= 3 bins.
-        const int a = max(lo - c * bs - bs + 1, 0), e = min(hi - c * bs, Nk - 1);
-        const int t0 = a >> sh, t1 = a <= e ? e >> sh : t0 - 1;
-        bool bin = false;
+    int32_t* srow = stage[warp];
+    // Slash bins of column c: distances [lo - c bs - bs + 1, hi - c bs] (clamped), i.e.
+    // bins [t0(c), t1(c)], both non-increasing in c, at most 3 per column.
+    auto bin_range = [&](int c, int& t0, int& t1) {
+      const int a = max(lo - c * bs - bs + 1, 0), e = min(hi - c * bs, Nk - 1);
+      t0 = a >> sh;
+      t1 = a <= e ? e >> sh : t0 - 1;
+    };
+    for (int c0 = 0; c0 <= chi; c0 += kAssembleChunk) {
+      const int cb = c0 + lane * 8;  // this lane's first column (a multiple of 8)
+      uint32_t keep = 0;             // bit j: column cb + j is kept
+      if (cb <= chi) {
+        const int last = min(cb + 7, chi);
+        const uint32_t colb = (__ldg(cw + (cb >> 5)) >> (cb & 31)) & 0xffu;
+        const uint32_t qb = qw ? bits8_at(qw, plan.qa_words, static_cast<int64_t>(r) * NBk + cb) : 0u;
+        // Every bin of the lane's columns lies in [t0(last), t1(cb)] (<= 11 bins: hi - lo <
+        // bs): a 64-bit window of two words from t0(last)'s word holds them.
+        int tmin, unused;
+        bin_range(last, tmin, unused);
+        const int w0 = tmin >> 5;
+        const uint32_t b_lo = __ldg(tw + w0);
+        const uint32_t b_hi = w0 + 1 < plan.cols_words ? __ldg(tw + w0 + 1) : 0u;
+        const unsigned long long win = (static_cast<unsigned long long>(b_hi) << 32) | b_lo;
 #pragma unroll
-        for (int j = 0; j < 3; ++j) bin |= t0 + j <= t1 && test_bit(tw, t0 + j);
-        keep = c == 0 || c >= clo || col || qsel || bin;
+        for (int j = 0; j < 8; ++j) {
+          const int c = cb + j;
+          int t0, t1;
+          bin_range(c, t0, t1);
+          bool bin = false;
+          if (c <= last && t1 >= t0) {  // t0 >= t0(last), t1 <= t1(cb) <= t0(last) + 10
+            const int s0 = t0 - w0 * 32, len = t1 - t0 + 1;  // so s0 >= 0 and s0 + len <= 42
+            bin = ((win >> s0) & ((1ull << len) - 1ull)) != 0ull;
+          }
+          const bool k = c <= chi && (c == 0 || c >= clo || ((colb >> j) & 1u) || ((qb >> j) & 1u) || bin);
+          keep |= static_cast<uint32_t>(k) << j;
+        }
+        (void)unused;
       }
-      const uint32_t ballot = __ballot_sync(0xffffffffu, keep);
-      if (keep) out[count + __popc(ballot & ((1u << lane) - 1u))] = c;
-      count += __popc(ballot);
+      const int n = __popc(keep);
+      int incl = n;  // inclusive warp scan of the lanes' counts
+#pragma unroll
+      for (int d = 1; d < 32; d <<= 1) {
+        const int v = __shfl_up_sync(0xffffffffu, incl, d);
+        if (lane >= d) incl += v;
+      }
+      const int total = __shfl_sync(0xffffffffu, incl, 31);
+      int at = incl - n;
+      for (uint32_t m = keep; m; m &= m - 1u) srow[at++] = cb + __ffs(m) - 1;
+      __syncwarp();
+      for (int j = lane; j < total; j += 32) out[count + j] = srow[j];
+      __syncwarp();
+      count += total;
     }
     for (int j = count + lane; j < NBk; j += 32) out[j] = 0;
   }
