@@ -8,6 +8,9 @@ Workloads: B=1, Hq=32, Hkv=8, bf16, block 128, gamma 0.9, tau 0.1, min_budget 10
 structured heads of flexprefill.workloads (local, sinks and heavy hitters, topics,
 diffuse), generated on the GPU, and, for comparison, Gaussian ones. Times are medians over CUDA
 events. Extra memory = peak allocated during the op - allocated before - output bytes.
+The SM clock (nvidia-smi) is read right after the structured selection timing and after the
+dense one: the configurations run in the order listed, each right after the previous one's
+dense attention, so a row can be timed at a clock the GPU throttled to after long dense runs.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import flexprefill
 from flexprefill.workloads import structured_qkv
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import cuda_time_ms  # noqa: E402
+from common import cuda_time_ms, sm_clock_mhz  # noqa: E402
 
 B, HQ, HKV, BS = 1, 32, 8, 128
 ARGS = dict(gamma=0.9, tau=0.1, min_budget=1024, block_size=BS)
@@ -121,6 +124,7 @@ def main() -> None:
         for structured in (True, False):
             q, k, v = inputs(n, d, structured)
             ms = median_ms(lambda: flexprefill.select_blocks(q, k, **ARGS), reps_sel)
+            clock_sel = sm_clock_mhz()  # (read after the timing: the clock it ran at)
             sel = flexprefill.select_blocks(q, k, **ARGS)
             density = float(sel.density(n, n, BS).mean())
             tag = "structured" if structured else "gaussian"
@@ -128,7 +132,9 @@ def main() -> None:
             row[f"density_{tag}"] = density
             row[f"query_aware_heads_{tag}"] = int(sel.query_aware.sum())
             if structured:
+                row["sm_clock_mhz_select"] = clock_sel
                 row["dense_cudnn_ms"], row["dense_how"] = dense_ms(q, k, v, reps_dense)
+                row["sm_clock_mhz_dense"] = sm_clock_mhz()
                 if n == 131072 and d == 128:
                     row["extra_memory_mib"] = extra_memory_mib(q, k)
                 if opt.profile and n <= 131072:
@@ -147,13 +153,13 @@ def main() -> None:
                        results=results), f, indent=1)
     print(f"\nselect_blocks vs dense SDPA-cuDNN ({dev}; B=1 Hq=32 Hkv=8 bf16 bs=128 gamma=0.9 tau=0.1)")
     print(f"{'N':>7} {'D':>4} {'dense ms':>9} {'sel ms':>8} {'share':>7} {'target':>6} {'sel ms(gauss)':>13} "
-          f"{'share(g)':>8} {'density':>7} {'QA':>3} dense")
+          f"{'share(g)':>8} {'density':>7} {'QA':>3} {'MHz sel/dense':>13} dense")
     for r in results:
         target = 0.15 if r["seqlen"] <= 8192 else 0.02
         print(f"{r['seqlen']:>7} {r['head_dim']:>4} {r['dense_cudnn_ms']:9.2f} {r['select_ms_structured']:8.3f} "
               f"{100 * r['share_structured']:6.2f}% {100 * target:5.0f}% {r['select_ms_gaussian']:13.3f} "
               f"{100 * r['share_gaussian']:7.2f}% {r['density_structured']:7.2f} {r['query_aware_heads_structured']:>3} "
-              f"{r['dense_how']}")
+              f"{str(r['sm_clock_mhz_select']) + '/' + str(r['sm_clock_mhz_dense']):>13} {r['dense_how']}")
     for r in results:
         if "extra_memory_mib" in r:
             print(f"extra GPU memory at {r['seqlen']} tokens: {r['extra_memory_mib']:.1f} MiB (target <= 64)")

@@ -65,3 +65,21 @@ def write_json(path: str | None, payload: dict, default_name: str) -> str:
 
 def device_name() -> str:
     return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+
+
+def sm_clock_mhz() -> int | None:
+    """The current SM clock of the GPU in use (nvidia-smi), or None where it cannot be read.
+    Read right after a timing, it shows the clock that timing ran at (the H200 throttles for
+    a while after long dense attention runs)."""
+    import subprocess
+
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+    ids = [x.strip() for x in visible.split(",") if x.strip()]
+    try:
+        index = torch.cuda.current_device()
+        gpu = ids[index] if index < len(ids) else str(index)
+        out = subprocess.run(["nvidia-smi", "-i", gpu, "--query-gpu=clocks.sm", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=10)
+        return int(out.stdout.strip().splitlines()[0]) if out.returncode == 0 else None
+    except (OSError, RuntimeError, ValueError, IndexError, subprocess.TimeoutExpired):
+        return None

@@ -57,16 +57,19 @@ def run_section(out_dir: str, command: str) -> list[str]:
                   ""]
     sel = load(out_dir, "bench_selection.json")
     if sel:
+        clocks = ([("sm_clock_mhz_select", "MHz (select)", ""), ("sm_clock_mhz_dense", "MHz (dense)", "")]
+                  if any(r.get("sm_clock_mhz_select") for r in sel["results"]) else [])
         parts += [f"### Selection alone: `select_blocks` as a share of dense cuDNN attention ({sel['device']})", "",
                   "B=1, Hq=32, Hkv=8, bf16, block 128, gamma 0.9, tau 0.1, min_budget 1024; structured and "
-                  "Gaussian inputs. Targets: <= 15% at 8k, <= 2% from 32k; extra memory <= 64 MiB at 128k.", "",
+                  "Gaussian inputs. Targets: <= 15% at 8k, <= 2% from 32k; extra memory <= 64 MiB at 128k."
+                  + (" MHz: the SM clock read right after the timing." if clocks else ""), "",
                   table(sel["results"], [("seqlen", "N", ""), ("head_dim", "D", ""), ("dense_cudnn_ms", "cuDNN ms", ".2f"),
                                          ("select_ms_structured", "select ms", ".3f"), ("share_structured", "share", ".2%"),
                                          ("select_ms_gaussian", "select ms (Gaussian)", ".3f"),
                                          ("share_gaussian", "share (Gaussian)", ".2%"),
                                          ("density_structured", "density", ".2f"),
                                          ("query_aware_heads_structured", "QA heads", ""),
-                                         ("extra_memory_mib", "extra MiB", ".1f")]),
+                                         ("extra_memory_mib", "extra MiB", ".1f")] + clocks),
                   ""]
     attn = load(out_dir, "bench_attention.json")
     if attn:
