@@ -565,9 +565,10 @@ inline int rep_heads_per_cta(int D, int m, int group, int max_smem) {
   return best;
 }
 
-// Raises `kernel`'s dynamic shared-memory limit to the device's opt-in maximum once per
-// device (`raised`, bit d: done on device d < 64; the same value from every thread), not on
-// every call.
+// Raises `kernel`'s dynamic shared-memory limit to the device's opt-in maximum (less the
+// kernel's static shared memory: asking for more fails with invalid value) once per device
+// (`raised`, bit d: done on device d < 64; the same value from every thread), not on every
+// call.
 inline cudaError_t raise_smem_limit_once(const void* kernel, std::atomic<uint64_t>& raised) {
   int dev = 0;
   cudaError_t err = cudaGetDevice(&dev);
@@ -576,7 +577,11 @@ inline cudaError_t raise_smem_limit_once(const void* kernel, std::atomic<uint64_
   int optin = 0;
   err = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
   if (err != cudaSuccess) return err;
-  err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, optin);
+  cudaFuncAttributes fa{};  // the limit covers the dynamic part: the opt-in maximum less static smem
+  err = cudaFuncGetAttributes(&fa, kernel);
+  if (err != cudaSuccess) return err;
+  err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                             optin - static_cast<int>(fa.sharedSizeBytes));
   if (err != cudaSuccess) return err;
   if (dev < 64) raised.fetch_or(uint64_t(1) << dev, std::memory_order_acq_rel);
   return cudaSuccess;
