@@ -25,23 +25,9 @@ import flexprefill
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_selection import ARGS, inputs  # noqa: E402
+from common import cuda_times_ms  # noqa: E402
 
 CONFIGS = [(32768, 64), (32768, 128), (32768, 256), (8192, 128)]
-
-
-def times_us(fn, calls: int) -> list[float]:
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    out = []
-    for _ in range(calls):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        out.append(1e3 * start.elapsed_time(end))
-    return sorted(out)
 
 
 def main() -> None:
@@ -56,7 +42,7 @@ def main() -> None:
     cells = []
     for n, d in CONFIGS:
         q, k, _ = inputs(n, d, structured=True)
-        t = times_us(lambda: flexprefill.select_blocks(q, k, **ARGS), a.calls)
+        t = sorted(1e3 * ms for ms in cuda_times_ms(lambda: flexprefill.select_blocks(q, k, **ARGS), 3, a.calls))
         cells.append(f"{n // 1024}k/D{d} med {statistics.median(t):5.0f} min {t[0]:5.0f} "
                      f"p25 {t[len(t) // 4]:5.0f} p75 {t[3 * len(t) // 4]:5.0f}")
         del q, k

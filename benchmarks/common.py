@@ -11,11 +11,11 @@ from typing import Callable, Sequence
 import torch
 
 
-def cuda_time_ms(fn: Callable[[], object], warmup: int = 3, repeats: int = 10,
-                 budget_ms: float | None = None, max_repeats: int = 30) -> float:
-    """Median wall time of fn() on the current CUDA stream, in milliseconds. With
-    `budget_ms`, the number of repeats (3 to max_repeats) is fitted to that time budget
-    from one timed call instead of `repeats`."""
+def cuda_times_ms(fn: Callable[[], object], warmup: int = 3, repeats: int = 10,
+                  budget_ms: float | None = None, max_repeats: int = 30) -> list[float]:
+    """Wall times of `repeats` calls of fn() on the current CUDA stream, in milliseconds, each
+    timed with CUDA events from an idle GPU, after `warmup` calls. With `budget_ms`, the number
+    of repeats (3 to max_repeats) is fitted to that time budget from one timed call."""
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
@@ -30,7 +30,13 @@ def cuda_time_ms(fn: Callable[[], object], warmup: int = 3, repeats: int = 10,
 
     if budget_ms is not None:
         repeats = max(3, min(max_repeats, int(budget_ms / max(once(), 1e-3))))
-    return statistics.median(once() for _ in range(repeats))
+    return [once() for _ in range(repeats)]
+
+
+def cuda_time_ms(fn: Callable[[], object], warmup: int = 3, repeats: int = 10,
+                 budget_ms: float | None = None, max_repeats: int = 30) -> float:
+    """Median of cuda_times_ms (same arguments), in milliseconds."""
+    return statistics.median(cuda_times_ms(fn, warmup, repeats, budget_ms, max_repeats))
 
 
 def causal_flops(seqlen_q: int, seqlen_k: int, heads: int, head_dim: int, batch: int = 1) -> float:
