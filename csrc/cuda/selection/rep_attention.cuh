@@ -113,11 +113,15 @@ __device__ __forceinline__ float fast_exp2(float x) {  // 2^x; -inf -> 0 (ex2.ap
 // row0 + 8 s + g of the warp's rows (g = lane / 4). m_ref: the row's reference (log2 units;
 // -inf until a key is seen); every sum is against 2^(m_ref or 0 while -inf). hs / ls: the
 // current block's H / L; l_run: the split's total; off_row: (P0 + row) mod bs, the last
-// in-block key offset counted in H.
+// in-block key offset counted in H. Warp-uniform: o_warp = (P0 + row0) mod bs; straight:
+// the warp's 8 kSlots rows lie in one key block (off_row[s] = o_warp + 8 s + g); all_ref:
+// every row of the warp has a reference (a reference never returns to -inf).
 template <int kSlots>
 struct RepRows {
   float m_ref[kSlots], hs[kSlots], ls[kSlots], l_run[kSlots];
   int off_row[kSlots];
+  int o_warp;
+  bool straight, all_ref;
 
   __device__ __forceinline__ void init(int first_pos, int g, int bs) {  // first_pos = P0 + row0
 #pragma unroll
@@ -128,6 +132,9 @@ struct RepRows {
       l_run[s] = 0.f;
       off_row[s] = (first_pos + 8 * s + g) & (bs - 1);  // bs is a power of two
     }
+    o_warp = first_pos & (bs - 1);
+    straight = o_warp + 8 * kSlots <= bs;
+    all_ref = false;
   }
 };
 
@@ -150,13 +157,87 @@ __device__ __forceinline__ float rep_row_max(const float (&acc)[kM16][8][4], int
   return fmaxf(tmax, __shfl_xor_sync(0xffffffffu, tmax, 2));
 }
 
+// H / L of a tile that the diagonal of a straight warp crosses (rows o_warp + 8 s + g of
+// the block; o_warp - base = 8 kC + r, r in [0, 8)): the thread's key 8 n + 2 t4 + x of the
+// tile counts in slot s's H iff 8 n + 2 t4 + x <= 8 (s + kC) + r + g, i.e. iff
+// j = n - s - kC <= floor((r + g - 2 t4 - x) / 8), which lies in [-1, 1]. So keys with
+// j < 0 are H, j > 1 are L, and j = 0, 1 are decided by four per-thread predicates
+// (rg = r + g - 2 t4 >= 8 j + x): the classes are static, no compare per key.
+template <int kC, int kM16>
+__device__ __forceinline__ void rep_straight_sums(const float (&acc)[kM16][8][4], const float (&neg_ref)[2 * kM16],
+                                                  float scale_log2, int rg, float (&t_h)[2 * kM16],
+                                                  float (&t_l)[2 * kM16]) {
+  const bool q00 = rg >= 0, q01 = rg >= 1, q10 = rg >= 8, q11 = rg >= 9;
+#pragma unroll
+  for (int s = 0; s < 2 * kM16; ++s) {
+    float h[2] = {0.f, 0.f}, l[2] = {0.f, 0.f};
+#pragma unroll
+    for (int n = 0; n < 8; ++n)
+#pragma unroll
+      for (int x = 0; x < 2; ++x) {
+        const float e = fast_exp2(fmaf(acc[s >> 1][n][2 * (s & 1) + x], scale_log2, neg_ref[s]));
+        const int j = n - s - kC;
+        if (j < 0) {
+          h[x] += e;
+        } else if (j > 1) {
+          l[x] += e;
+        } else {
+          const bool q = j == 0 ? (x == 0 ? q00 : q01) : (x == 0 ? q10 : q11);
+          if (q) {
+            h[x] += e;
+          } else {
+            l[x] += e;
+          }
+        }
+      }
+    t_h[s] = h[0] + h[1];
+    t_l[s] = l[0] + l[1];
+  }
+}
+
+// kc = (o_warp - base) >> 3 in [-kSlots, 7] (a crossed tile) -> rep_straight_sums<kc>.
+template <int kM16, int kC>
+__device__ __forceinline__ void rep_straight_dispatch(int kc, const float (&acc)[kM16][8][4],
+                                                      const float (&neg_ref)[2 * kM16], float scale_log2, int rg,
+                                                      float (&t_h)[2 * kM16], float (&t_l)[2 * kM16]) {
+  if constexpr (kC < 7) {
+    if (kc != kC) {
+      rep_straight_dispatch<kM16, kC + 1>(kc, acc, neg_ref, scale_log2, rg, t_h, t_l);
+      return;
+    }
+  }
+  rep_straight_sums<kC, kM16>(acc, neg_ref, scale_log2, rg, t_h, t_l);
+}
+
+// Sum over the four lanes of a quad of v[t4] (slot t4 < kSlots), as a reduce-scatter: two
+// exchanges (kSlots = 4: three shuffles) instead of a butterfly per slot. Lanes t4 >= kSlots
+// get a partial sum (not stored).
+template <int kSlots>
+__device__ __forceinline__ float rep_quad_scatter(const float (&v)[kSlots], int t4) {
+  static_assert(kSlots == 2 || kSlots == 4, "two or four row slots");
+  const bool odd = t4 & 1;
+  if constexpr (kSlots == 4) {
+    float k0 = odd ? v[1] : v[0];  // keep slot odd (and 2 + odd), send the other of each pair
+    float k1 = odd ? v[3] : v[2];
+    k0 += __shfl_xor_sync(0xffffffffu, odd ? v[0] : v[1], 1);
+    k1 += __shfl_xor_sync(0xffffffffu, odd ? v[2] : v[3], 1);
+    const bool hi = t4 & 2;  // keep slot t4 = 2 hi + odd
+    return (hi ? k1 : k0) + __shfl_xor_sync(0xffffffffu, hi ? k0 : k1, 2);
+  } else {
+    float k = odd ? v[1] : v[0];
+    k += __shfl_xor_sync(0xffffffffu, odd ? v[0] : v[1], 1);
+    return k + __shfl_xor_sync(0xffffffffu, k, 2);
+  }
+}
+
 // The softmax sums of one 64-key tile from the scores of kM16 m16 row tiles of a warp:
 // acc[mt][n][2 hf + x] is row slot s = 2 mt + hf (row row0 + 8 s + g), key kt + 8 n + 2 t4 + x.
-// Updates the rows' references and sums; at the end of a key block stores the block's
-// records (M, H, L) of the warp's 8 kM16 x 2 rows at rec_rows (= rec + ((head NBk + c) 3) m + row0).
+// Updates the rows' references and sums; at the end of key block c stores the block's
+// records (M, H, L) of the warp's 8 kM16 x 2 rows at rec_head + c 3 m (rec_head = rec +
+// head NBk 3 m + row0).
 template <int kM16>
 __device__ __forceinline__ void rep_tile_sums(float (&acc)[kM16][8][4], RepRows<2 * kM16>& st, const RepTile& tl,
-                                              int first_pos, float scale_log2, float* rec_rows, int m, int g,
+                                              int first_pos, float scale_log2, float* rec_head, int c, int m, int g,
                                               int t4) {
   constexpr int kSlots = 2 * kM16;
   const int kt = tl.kt;
@@ -187,26 +268,37 @@ __device__ __forceinline__ void rep_tile_sums(float (&acc)[kM16][8][4], RepRows<
   }
   const bool mixed = __any_sync(0xffffffffu, mixed_own);
 
-  // A row without a reference yet (the split's first tile) takes the tile's row maximum.
-  bool no_ref = false;
+  // A row without a reference yet (the split's first tiles) takes the tile's row maximum.
+  if (!st.all_ref) {
+    bool no_ref = false;
 #pragma unroll
-  for (int s = 0; s < kSlots; ++s) no_ref |= st.m_ref[s] == -INFINITY;
-  if (__any_sync(0xffffffffu, no_ref)) {
+    for (int s = 0; s < kSlots; ++s) no_ref |= st.m_ref[s] == -INFINITY;
+    if (__any_sync(0xffffffffu, no_ref)) {
 #pragma unroll
-    for (int s = 0; s < kSlots; ++s) {
-      const float tmax = rep_row_max<kM16>(acc, s);
-      if (st.m_ref[s] == -INFINITY) st.m_ref[s] = tmax * scale_log2;  // (sums are 0 while -inf)
+      for (int s = 0; s < kSlots; ++s) {
+        const float tmax = rep_row_max<kM16>(acc, s);
+        if (st.m_ref[s] == -INFINITY) st.m_ref[s] = tmax * scale_log2;  // (sums are 0 while -inf)
+      }
     }
+    no_ref = false;
+#pragma unroll
+    for (int s = 0; s < kSlots; ++s) no_ref |= st.m_ref[s] == -INFINITY;
+    st.all_ref = !__any_sync(0xffffffffu, no_ref);
   }
 
   // Fast path: e = 2^(x - ref) against the row's reference, no max. Taken when every sum
   // stays finite and <= 2^64 and every row has a reference; otherwise (a much larger logit,
   // a row whose keys are all masked so far) the exact path below.
-  float t_h[kSlots], t_l[kSlots];
-  if (mixed) {  // (branches outside the slot loop: the rows' chains interleave)
+  float t_h[kSlots], t_l[kSlots], neg_ref[kSlots];
+#pragma unroll
+  for (int s = 0; s < kSlots; ++s) neg_ref[s] = -(st.m_ref[s] == -INFINITY ? 0.f : st.m_ref[s]);
+  const int u = st.o_warp - tl.base;  // (uniform) the warp's first row, from the tile's start
+  const int kc = u >> 3;              // (floor)
+  if (mixed && st.straight && kc >= -kSlots && kc <= 7) {
+    rep_straight_dispatch<kM16, -kSlots>(kc, acc, neg_ref, scale_log2, (u & 7) + g - 2 * t4, t_h, t_l);
+  } else if (mixed) {  // (a warp whose rows cross a key block; branches outside the slot loop)
 #pragma unroll
     for (int s = 0; s < kSlots; ++s) {
-      const float neg_ref = -(st.m_ref[s] == -INFINITY ? 0.f : st.m_ref[s]);
       // Per key parity x the running sum t2[x] over n; the H keys of parity x are its first
       // terms (8 n + x <= lim), so H is the running sum at the last of them (h2[x] keeps
       // it: one select instead of a second sum). L = T - H: exact up to one rounding of T
@@ -217,7 +309,7 @@ __device__ __forceinline__ void rep_tile_sums(float (&acc)[kM16][8][4], RepRows<
       for (int n = 0; n < 8; ++n)
 #pragma unroll
         for (int x = 0; x < 2; ++x) {
-          t2[x] += fast_exp2(fmaf(acc[s >> 1][n][2 * (s & 1) + x], scale_log2, neg_ref));
+          t2[x] += fast_exp2(fmaf(acc[s >> 1][n][2 * (s & 1) + x], scale_log2, neg_ref[s]));
           h2[x] = 8 * n + x <= lim[s] ? t2[x] : h2[x];
         }
       t_h[s] = h2[0] + h2[1];
@@ -226,22 +318,26 @@ __device__ __forceinline__ void rep_tile_sums(float (&acc)[kM16][8][4], RepRows<
   } else {
 #pragma unroll
     for (int s = 0; s < kSlots; ++s) {
-      const float neg_ref = -(st.m_ref[s] == -INFINITY ? 0.f : st.m_ref[s]);
       float t4s[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
       for (int n = 0; n < 8; ++n)
 #pragma unroll
         for (int x = 0; x < 2; ++x)
-          t4s[2 * (n & 1) + x] += fast_exp2(fmaf(acc[s >> 1][n][2 * (s & 1) + x], scale_log2, neg_ref));
+          t4s[2 * (n & 1) + x] += fast_exp2(fmaf(acc[s >> 1][n][2 * (s & 1) + x], scale_log2, neg_ref[s]));
       const float t = (t4s[0] + t4s[1]) + (t4s[2] + t4s[3]);
       t_h[s] = lim[s] >= 0 ? t : 0.f;
       t_l[s] = lim[s] >= 0 ? 0.f : t;
     }
   }
-  bool bad = false;
+  // Every slot's sum <= 2^64 when their total is (all terms >= 0; NaN fails too).
+  float total = 0.f;
 #pragma unroll
-  for (int s = 0; s < kSlots; ++s)  // 2^64; NaN fails too
-    bad |= !(t_h[s] + t_l[s] <= 1.8446744e19f) || st.m_ref[s] == -INFINITY;
+  for (int s = 0; s < kSlots; ++s) total += t_h[s] + t_l[s];
+  bool bad = !(total <= 1.8446744e19f);
+  if (!st.all_ref) {
+#pragma unroll
+    for (int s = 0; s < kSlots; ++s) bad |= st.m_ref[s] == -INFINITY;
+  }
   if (!__any_sync(0xffffffffu, bad)) {
 #pragma unroll
     for (int s = 0; s < kSlots; ++s) {
@@ -278,25 +374,15 @@ __device__ __forceinline__ void rep_tile_sums(float (&acc)[kM16][8][4], RepRows<
     }
   }
 
-  if (tl.last_in_block) {  // reduce over the quad and store the block's records
-#pragma unroll
-    for (int s = 0; s < kSlots; ++s) {
-      st.hs[s] += __shfl_xor_sync(0xffffffffu, st.hs[s], 1);
-      st.hs[s] += __shfl_xor_sync(0xffffffffu, st.hs[s], 2);
-      st.ls[s] += __shfl_xor_sync(0xffffffffu, st.ls[s], 1);
-      st.ls[s] += __shfl_xor_sync(0xffffffffu, st.ls[s], 2);
-    }
-    // Lane t4 < kSlots stores slot t4 (row row0 + 8 t4 + g): 8 kSlots consecutive rows per field.
-    float mv = 0.f, hv = 0.f, lv = 0.f;
+  if (tl.last_in_block) {  // reduce over the quad; lane t4 < kSlots stores slot t4 (row row0 + 8 t4 + g)
+    const float hv = rep_quad_scatter<kSlots>(st.hs, t4);
+    const float lv = rep_quad_scatter<kSlots>(st.ls, t4);
+    float mv = 0.f;
 #pragma unroll
     for (int s = 0; s < kSlots; ++s)
-      if (t4 == s) {
-        mv = st.m_ref[s] == -INFINITY ? 0.f : st.m_ref[s];
-        hv = st.hs[s];
-        lv = st.ls[s];
-      }
-    if (t4 < kSlots) {
-      float* r = rec_rows + 8 * t4 + g;
+      if (t4 == s) mv = st.m_ref[s] == -INFINITY ? 0.f : st.m_ref[s];
+    if (t4 < kSlots) {  // 8 kSlots consecutive rows per field
+      float* r = rec_head + c * 3 * m + 8 * t4 + g;
       r[0] = mv;
       r[m] = hv;
       r[2 * m] = lv;
@@ -380,11 +466,25 @@ struct RepKPool {
       if (!pair_ok[j]) continue;
       const unsigned char* a = addr(pair_begin + pr0 + j * nthreads) + kph * row_bytes;
       const int step = nph * row_bytes;
+      auto keys = [&](auto n_keys) {  // n_keys keys a thread, unrolled
+#pragma unroll
+        for (int i = 0; i < decltype(n_keys)::value; ++i) {
+          const float2 v = unpack2<kBf16>(*reinterpret_cast<const uint32_t*>(a + i * step));
+          acc[j].x += v.x;
+          acc[j].y += v.y;
+        }
+      };
+      if (nph == kTileKeys / 4) {  // (the usual shapes: 4 or 8 keys a thread)
+        keys(std::integral_constant<int, 4>{});
+      } else if (nph == kTileKeys / 8) {
+        keys(std::integral_constant<int, 8>{});
+      } else {
 #pragma unroll 4
-      for (int r = kph; r < kTileKeys; r += nph, a += step) {
-        const float2 v = unpack2<kBf16>(*reinterpret_cast<const uint32_t*>(a));
-        acc[j].x += v.x;
-        acc[j].y += v.y;
+        for (int r = kph; r < kTileKeys; r += nph, a += step) {
+          const float2 v = unpack2<kBf16>(*reinterpret_cast<const uint32_t*>(a));
+          acc[j].x += v.x;
+          acc[j].y += v.y;
+        }
       }
     }
   }
@@ -406,8 +506,17 @@ struct RepKPool {
     const float* part = pool_part + (blk & 1) * kPartFloats;
     const int count = min(p.block_size, p.seqlen_k - blk * p.block_size);
     for (int dl = tid; dl < 2 * npl; dl += nthreads) {
-      float s = 0.f;
-      for (int ph = 0; ph < nph; ++ph) s += part[(ph * npl + (dl >> 1)) * 2 + (dl & 1)];
+      // four independent sums (the loads do not wait on each other), then combined
+      const float* src = part + (dl >> 1) * 2 + (dl & 1);
+      const int step = 2 * npl;
+      float s4[4] = {0.f, 0.f, 0.f, 0.f};
+      int ph = 0;
+      for (; ph + 4 <= nph; ph += 4) {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) s4[i] += src[(ph + i) * step];
+      }
+      for (; ph < nph; ++ph) s4[0] += src[ph * step];
+      const float s = (s4[0] + s4[1]) + (s4[2] + s4[3]);
       p.pool_k[((static_cast<int64_t>(b) * p.heads_kv + hk) * p.num_k_blocks + blk) * kD + 2 * pair_begin + dl] =
           s / static_cast<float>(count);
     }
@@ -486,6 +595,7 @@ __global__ void __launch_bounds__(256, rep_ctas_per_sm(kD)) rep_kernel(const Rep
   const int row0 = (warp % warps_per_head) * kRowsPerWarp;  // first representative row of this warp
   RepRows<4> st;
   st.init(P0 + row0, g, bs);
+  float* const rec_head = p.rec + head * p.num_k_blocks * 3 * m + row0;  // (the warp's rows of block 0)
 
   // Per-lane ldmatrix addresses: A rows (lane & 15), k-half lane >> 4; B keys
   // (lane & 7) + 8 * (lane >> 4), k-half (lane >> 3) & 1.
@@ -549,8 +659,7 @@ __global__ void __launch_bounds__(256, rep_ctas_per_sm(kD)) rep_kernel(const Rep
         }
       }
     }
-    rep_tile_sums<2>(acc, st, tl, P0 + row0, p.scale_log2, p.rec + ((head * p.num_k_blocks + c) * 3) * m + row0, m,
-                     g, t4);
+    rep_tile_sums<2>(acc, st, tl, P0 + row0, p.scale_log2, rec_head, c, m, g, t4);
     if (pool.pools && tl.last_in_block) pool.stash(pool_part, c);
   }
   rep_split_end(st, pool, p, pool_part, head, split, m, row0, b, hk, ntile,

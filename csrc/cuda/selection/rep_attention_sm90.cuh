@@ -175,6 +175,7 @@ __global__ void __launch_bounds__(RepSm90Shape<kM16>::kMaxThreads, RepSm90Shape<
   const int row0 = (warp * kRowsPerWarp) & (m - 1);  // first representative row of this warp in its head
   RepRows<2 * kM16> st;
   st.init(P0 + row0, g, bs);
+  float* const rec_head = p.rec + head * p.num_k_blocks * 3 * m + row0;  // (the warp's rows of block 0)
   RepKPool<kBf16, kD, Shape::kMaxThreads, Shape::kMinThreads> pool;
   pool.init(tid, nthreads, group, hpc, h_first);
 
@@ -218,7 +219,7 @@ __global__ void __launch_bounds__(RepSm90Shape<kM16>::kMaxThreads, RepSm90Shape<
   const int sync_every = kBlockSync && kStages - tiles_per_block >= 2 ? tiles_per_block : 1;
   int issued = min(kStages - 1, ntile);  // (thread 0, kBlockSync) tiles [0, issued) are loading
   for (int tile = 0; tile < ntile; ++tile) {
-    const bool sync_tile = tile % sync_every == 0;  // (uniform; the splits start at a block)
+    const bool sync_tile = (tile & (sync_every - 1)) == 0;  // (uniform; splits start at a block; a power of two)
     if (tile > 0 && sync_tile) __syncthreads();  // everyone is done with the tiles before `tile`
     if (tid == 0 && sync_tile) {
       if constexpr (kBlockSync) {
@@ -258,6 +259,7 @@ __global__ void __launch_bounds__(RepSm90Shape<kM16>::kMaxThreads, RepSm90Shape<
         }
       }
     }
+    sm90::wgmma_commit();  // (its own group: the last score wgmma carries the commit)
     // pool(Q) at tile 2j + 1 (or the split's last); stored before the softmax sums.
     float pacc[4];
     const int qj = tile >> 1;
@@ -269,8 +271,8 @@ __global__ void __launch_bounds__(RepSm90Shape<kM16>::kMaxThreads, RepSm90Shape<
 #pragma unroll
       for (int s = 0; s < 8; ++s)
         sm90::Wgmma64x8<Element>::ss_ta(pacc, sm90::desc_sw128_of(desc_p + s * (2048 >> 4)), desc_ones, s > 0);
+      sm90::wgmma_commit();
     }
-    sm90::wgmma_commit();
     // pool(K) while the tensor cores run (plain shared loads of the swizzled tile).
     if (pool.pools) {
       const unsigned char* Kt = Ks + buf * kTileBytes;
@@ -296,8 +298,7 @@ __global__ void __launch_bounds__(RepSm90Shape<kM16>::kMaxThreads, RepSm90Shape<
         out[8] = pacc[2] / count;
       }
     }
-    rep_tile_sums<kM16>(acc, st, tl, P0 + row0, p.scale_log2, p.rec + ((head * p.num_k_blocks + c) * 3) * m + row0,
-                        m, g, t4);
+    rep_tile_sums<kM16>(acc, st, tl, P0 + row0, p.scale_log2, rec_head, c, m, g, t4);
     if (pool.pools && tl.last_in_block) pool.stash(pool_part, c);
   }
   rep_split_end(st, pool, p, pool_part, head, split, m, row0, b, hk, ntile,
