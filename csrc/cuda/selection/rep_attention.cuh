@@ -71,6 +71,7 @@ constexpr int rep_pool_part_floats(int threads, int D) { return 2 * (threads > D
 struct RepSmem {
   int q_off, k_off, pool_off, bar_off, total;  // (bar_off: the Hopper kernel's mbarriers)
   int qp_off = 0;  // the Hopper kernel's pool(Q) buffer (rep_sm90_pools_q)
+  int ones_off = 0;  // the Hopper kernel's 512 B of ones (its pooling wgmma)
 };
 
 __host__ __device__ inline int rep_row_stride(int D) { return D + 8; }  // +16 B: no ldmatrix conflicts
@@ -113,15 +114,13 @@ __device__ __forceinline__ float fast_exp2(float x) {  // 2^x; -inf -> 0 (ex2.ap
 // row0 + 8 s + g of the warp's rows (g = lane / 4). m_ref: the row's reference (log2 units;
 // -inf until a key is seen); every sum is against 2^(m_ref or 0 while -inf). hs / ls: the
 // current block's H / L; l_run: the split's total; off_row: (P0 + row) mod bs, the last
-// in-block key offset counted in H. Warp-uniform: o_warp = (P0 + row0) mod bs; straight:
-// the warp's 8 kSlots rows lie in one key block (off_row[s] = o_warp + 8 s + g); all_ref:
-// every row of the warp has a reference (a reference never returns to -inf).
+// in-block key offset counted in H; all_ref (warp-uniform): every row of the warp has a
+// reference (a reference never returns to -inf).
 template <int kSlots>
 struct RepRows {
   float m_ref[kSlots], hs[kSlots], ls[kSlots], l_run[kSlots];
   int off_row[kSlots];
-  int o_warp;
-  bool straight, all_ref;
+  bool all_ref;
 
   __device__ __forceinline__ void init(int first_pos, int g, int bs) {  // first_pos = P0 + row0
 #pragma unroll
@@ -132,8 +131,6 @@ struct RepRows {
       l_run[s] = 0.f;
       off_row[s] = (first_pos + 8 * s + g) & (bs - 1);  // bs is a power of two
     }
-    o_warp = first_pos & (bs - 1);
-    straight = o_warp + 8 * kSlots <= bs;
     all_ref = false;
   }
 };
@@ -155,58 +152,6 @@ __device__ __forceinline__ float rep_row_max(const float (&acc)[kM16][8][4], int
     for (int x = 0; x < 2; ++x) tmax = fmaxf(tmax, acc[s >> 1][n][2 * (s & 1) + x]);
   tmax = fmaxf(tmax, __shfl_xor_sync(0xffffffffu, tmax, 1));
   return fmaxf(tmax, __shfl_xor_sync(0xffffffffu, tmax, 2));
-}
-
-// H / L of a tile that the diagonal of a straight warp crosses (rows o_warp + 8 s + g of
-// the block; o_warp - base = 8 kC + r, r in [0, 8)): the thread's key 8 n + 2 t4 + x of the
-// tile counts in slot s's H iff 8 n + 2 t4 + x <= 8 (s + kC) + r + g, i.e. iff
-// j = n - s - kC <= floor((r + g - 2 t4 - x) / 8), which lies in [-1, 1]. So keys with
-// j < 0 are H, j > 1 are L, and j = 0, 1 are decided by four per-thread predicates
-// (rg = r + g - 2 t4 >= 8 j + x): the classes are static, no compare per key.
-template <int kC, int kM16>
-__device__ __forceinline__ void rep_straight_sums(const float (&acc)[kM16][8][4], const float (&neg_ref)[2 * kM16],
-                                                  float scale_log2, int rg, float (&t_h)[2 * kM16],
-                                                  float (&t_l)[2 * kM16]) {
-  const bool q00 = rg >= 0, q01 = rg >= 1, q10 = rg >= 8, q11 = rg >= 9;
-#pragma unroll
-  for (int s = 0; s < 2 * kM16; ++s) {
-    float h[2] = {0.f, 0.f}, l[2] = {0.f, 0.f};
-#pragma unroll
-    for (int n = 0; n < 8; ++n)
-#pragma unroll
-      for (int x = 0; x < 2; ++x) {
-        const float e = fast_exp2(fmaf(acc[s >> 1][n][2 * (s & 1) + x], scale_log2, neg_ref[s]));
-        const int j = n - s - kC;
-        if (j < 0) {
-          h[x] += e;
-        } else if (j > 1) {
-          l[x] += e;
-        } else {
-          const bool q = j == 0 ? (x == 0 ? q00 : q01) : (x == 0 ? q10 : q11);
-          if (q) {
-            h[x] += e;
-          } else {
-            l[x] += e;
-          }
-        }
-      }
-    t_h[s] = h[0] + h[1];
-    t_l[s] = l[0] + l[1];
-  }
-}
-
-// kc = (o_warp - base) >> 3 in [-kSlots, 7] (a crossed tile) -> rep_straight_sums<kc>.
-template <int kM16, int kC>
-__device__ __forceinline__ void rep_straight_dispatch(int kc, const float (&acc)[kM16][8][4],
-                                                      const float (&neg_ref)[2 * kM16], float scale_log2, int rg,
-                                                      float (&t_h)[2 * kM16], float (&t_l)[2 * kM16]) {
-  if constexpr (kC < 7) {
-    if (kc != kC) {
-      rep_straight_dispatch<kM16, kC + 1>(kc, acc, neg_ref, scale_log2, rg, t_h, t_l);
-      return;
-    }
-  }
-  rep_straight_sums<kC, kM16>(acc, neg_ref, scale_log2, rg, t_h, t_l);
 }
 
 // Sum over the four lanes of a quad of v[t4] (slot t4 < kSlots), as a reduce-scatter: two
@@ -292,11 +237,7 @@ __device__ __forceinline__ void rep_tile_sums(float (&acc)[kM16][8][4], RepRows<
   float t_h[kSlots], t_l[kSlots], neg_ref[kSlots];
 #pragma unroll
   for (int s = 0; s < kSlots; ++s) neg_ref[s] = -(st.m_ref[s] == -INFINITY ? 0.f : st.m_ref[s]);
-  const int u = st.o_warp - tl.base;  // (uniform) the warp's first row, from the tile's start
-  const int kc = u >> 3;              // (floor)
-  if (mixed && st.straight && kc >= -kSlots && kc <= 7) {
-    rep_straight_dispatch<kM16, -kSlots>(kc, acc, neg_ref, scale_log2, (u & 7) + g - 2 * t4, t_h, t_l);
-  } else if (mixed) {  // (a warp whose rows cross a key block; branches outside the slot loop)
+  if (mixed) {  // (branches outside the slot loop: the rows' chains interleave)
 #pragma unroll
     for (int s = 0; s < kSlots; ++s) {
       // Per key parity x the running sum t2[x] over n; the H keys of parity x are its first

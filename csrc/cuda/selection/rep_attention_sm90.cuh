@@ -42,6 +42,10 @@ inline bool rep_sm90_ok(int D, int m, int heads_per_cta, int m16) {
   return m % (64 * m16) == 0 && threads >= 128 && threads <= max_threads && (threads / (D / 8)) % 8 == 0;
 }
 
+// pool(K) on the tensor cores (the K tile's 64 values x 64 keys times ones, one warpgroup)
+// instead of the threads' column sums: the kernels of head dim 64 (one 128-byte atom a key).
+__host__ __device__ constexpr bool rep_sm90_pools_k_mma(int D) { return D == 64; }
+
 // pool(Q) of every head (RepParams::poolq) in the same pass: the kernels of 32 rows a warp at
 // D = 64, where a block of Q of the CTA's heads (128-byte rows) fits in shared memory beside
 // the rest at two CTAs per SM, with m = block_size = 128 (rep_config's pools_q).
@@ -49,8 +53,9 @@ __host__ __device__ constexpr bool rep_sm90_pools_q(int D, int m16) { return D =
 
 // Shared memory from the first 1024-byte boundary of the dynamic allocation (1 KB of slack):
 // the K ring (1024-byte aligned tiles), then Q̂ [atoms][hpc m rows][128 B] (swizzled), the
-// pooling partials, the pool(Q) buffer [hpc][m rows][128 B] and 512 B of ones
-// (rep_sm90_pools_q) and the mbarriers (the ring's, then pool(Q)'s).
+// pooling partials, the pool(Q) buffer [hpc][m rows][128 B] (rep_sm90_pools_q), 512 B of
+// ones (the B operand of the pooling wgmma: pool(Q) or rep_sm90_pools_k_mma) and the
+// mbarriers (the ring's, then pool(Q)'s).
 __host__ __device__ inline RepSmem rep_sm90_smem_layout(int D, int m, int heads_per_cta, int m16) {
   RepSmem s;
   s.k_off = 0;
@@ -58,9 +63,11 @@ __host__ __device__ inline RepSmem rep_sm90_smem_layout(int D, int m, int heads_
   s.pool_off = s.q_off + heads_per_cta * m * D * 2;
   const int max_threads = m16 == 2 ? RepSm90Shape<2>::kMaxThreads : RepSm90Shape<1>::kMaxThreads;
   s.bar_off = s.pool_off + 2 * rep_pool_part_floats(max_threads, D) * 4;  // one mbarrier per stage
-  if (rep_sm90_pools_q(D, m16) && m == 128) {
+  const bool qbuf = rep_sm90_pools_q(D, m16) && m == 128;
+  if (qbuf || rep_sm90_pools_k_mma(D)) {
     s.qp_off = (s.bar_off + 1023) / 1024 * 1024;
-    s.bar_off = s.qp_off + heads_per_cta * m * 128 + 512;
+    s.ones_off = s.qp_off + (qbuf ? heads_per_cta * m * 128 : 0);
+    s.bar_off = s.ones_off + 512;
   }
   s.total = s.bar_off + (rep_sm90_stages(D, m16) + 1) * 8 + 1024;
   return s;
@@ -152,10 +159,11 @@ __global__ void __launch_bounds__(RepSm90Shape<kM16>::kMaxThreads, RepSm90Shape<
   const int nqb = pool_q ? max(0, min(p.num_q_blocks - qb0, p.split_keys >> bs_shift)) : 0;
   const uint32_t qbar = bar0 + kStages * 8;
   const uint32_t qp_addr = smem_u32(smem + L.qp_off);
-  const uint32_t ones_addr = qp_addr + hpc * m * 128;  // B of the pooling wgmma: 512 B of 1.0
-  if (pool_q && tid < 128) {  // (visible to the wgmma after the proxy fence below)
+  constexpr bool kPoolKMma = rep_sm90_pools_k_mma(kD);
+  const uint32_t ones_addr = smem_u32(smem + L.ones_off);  // B of the pooling wgmma: 512 B of 1.0
+  if ((pool_q || kPoolKMma) && tid < 128) {  // (visible to the wgmma after the proxy fence below)
     constexpr uint32_t kOnes = kBf16 ? 0x3F803F80u : 0x3C003C00u;  // two 1.0 values
-    reinterpret_cast<uint32_t*>(smem + L.qp_off + hpc * m * 128)[tid] = kOnes;
+    reinterpret_cast<uint32_t*>(smem + L.ones_off)[tid] = kOnes;
   }
   auto load_qblock = [&](int j) {
     sm90::mbar_arrive_expect_tx(qbar, hpc * m * 128);
@@ -178,6 +186,11 @@ __global__ void __launch_bounds__(RepSm90Shape<kM16>::kMaxThreads, RepSm90Shape<
   float* const rec_head = p.rec + head * p.num_k_blocks * 3 * m + row0;  // (the warp's rows of block 0)
   RepKPool<kBf16, kD, Shape::kMaxThreads, Shape::kMinThreads> pool;
   pool.init(tid, nthreads, group, hpc, h_first);
+  // kPoolKMma: warpgroup 0 of the kv head's first CTA sums the K tiles of a block on the
+  // tensor cores (kacc: values 16 (warp % 4) + g and + 8, every column the same sum).
+  const bool pool_k_mma = kPoolKMma && (h_first % group) / hpc == 0 && warp < 4;  // (warpgroup-uniform)
+  float kacc[4] = {0.f, 0.f, 0.f, 0.f};
+  if constexpr (kPoolKMma) pool.pools = false;
 
   cp_async_wait<0>();  // Q̂ has landed (for this thread)
   sm90::fence_proxy_async_smem();
@@ -260,6 +273,15 @@ __global__ void __launch_bounds__(RepSm90Shape<kM16>::kMaxThreads, RepSm90Shape<
       }
     }
     sm90::wgmma_commit();  // (its own group: the last score wgmma carries the commit)
+    if (pool_k_mma) {  // pool(K): Kᵀ [64 values x 16 keys] x ones [16 x 8] per k16 step
+      const uint32_t desc_t = sm90::desc_sw128_lo(ks_addr + buf * kTileBytes);
+      const uint64_t desc_ones = sm90::desc_plain(ones_addr, 128, 256);
+#pragma unroll
+      for (int s = 0; s < kTileKeys / 16; ++s)
+        sm90::Wgmma64x8<Element>::ss_ta(kacc, sm90::desc_sw128_of(desc_t + s * (2048 >> 4)), desc_ones,
+                                        !(tl.first_in_block && s == 0));
+      sm90::wgmma_commit();
+    }
     // pool(Q) at tile 2j + 1 (or the split's last); stored before the softmax sums.
     float pacc[4];
     const int qj = tile >> 1;
@@ -287,6 +309,16 @@ __global__ void __launch_bounds__(RepSm90Shape<kM16>::kMaxThreads, RepSm90Shape<
     sm90::wgmma_wait<0>();
 #pragma unroll
     for (int mt = 0; mt < kM16; ++mt) sm90::fence_operands(acc[mt]);
+    if (pool_k_mma && tl.last_in_block) {
+      sm90::fence_operands(kacc);
+      if (t4 == 0) {  // kacc[0], kacc[2]: values 16 (warp % 4) + g and + 8 of block c
+        const float count = static_cast<float>(min(bs, p.seqlen_k - c * bs));
+        float* out = p.pool_k + ((static_cast<int64_t>(b) * p.heads_kv + hk) * p.num_k_blocks + c) * kD +
+                     16 * (warp & 3) + g;
+        out[0] = kacc[0] / count;
+        out[8] = kacc[2] / count;
+      }
+    }
     if (pool_now) {
       sm90::fence_operands(pacc);
       if (t4 == 0) {  // pacc[0], pacc[2]: values 16 (warp % 4) + g and + 8 of the head's block
