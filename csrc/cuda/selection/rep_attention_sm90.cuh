@@ -186,9 +186,11 @@ __global__ void __launch_bounds__(RepSm90Shape<kM16>::kMaxThreads, RepSm90Shape<
   float* const rec_head = p.rec + head * p.num_k_blocks * 3 * m + row0;  // (the warp's rows of block 0)
   RepKPool<kBf16, kD, Shape::kMaxThreads, Shape::kMinThreads> pool;
   pool.init(tid, nthreads, group, hpc, h_first);
-  // kPoolKMma: warpgroup 0 of the kv head's first CTA sums the K tiles of a block on the
-  // tensor cores (kacc: values 16 (warp % 4) + g and + 8, every column the same sum).
-  const bool pool_k_mma = kPoolKMma && (h_first % group) / hpc == 0 && warp < 4;  // (warpgroup-uniform)
+  // kPoolKMma: the kv head's first CTA sums the K tiles of a block on the tensor cores
+  // (kacc: values 16 (warp % 4) + g and + 8, every column the same sum); every warpgroup
+  // issues them (a condition that ptxas cannot prove uniform over the warpgroup serializes
+  // all its wgmma), warpgroup 0 stores.
+  const bool pool_k_mma = kPoolKMma && (h_first % group) / hpc == 0;  // (CTA-uniform)
   float kacc[4] = {0.f, 0.f, 0.f, 0.f};
   if constexpr (kPoolKMma) pool.pools = false;
 
@@ -311,7 +313,7 @@ __global__ void __launch_bounds__(RepSm90Shape<kM16>::kMaxThreads, RepSm90Shape<
     for (int mt = 0; mt < kM16; ++mt) sm90::fence_operands(acc[mt]);
     if (pool_k_mma && tl.last_in_block) {
       sm90::fence_operands(kacc);
-      if (t4 == 0) {  // kacc[0], kacc[2]: values 16 (warp % 4) + g and + 8 of block c
+      if (warp < 4 && t4 == 0) {  // kacc[0], kacc[2]: values 16 (warp % 4) + g and + 8 of block c
         const float count = static_cast<float>(min(bs, p.seqlen_k - c * bs));
         float* out = p.pool_k + ((static_cast<int64_t>(b) * p.heads_kv + hk) * p.num_k_blocks + c) * kD +
                      16 * (warp & 3) + g;
