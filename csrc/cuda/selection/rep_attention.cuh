@@ -22,7 +22,8 @@
 // of the max.
 //
 // The same kernel also writes pool(K) [B, Hkv, NBk, D] (from the K tiles in shared memory;
-// the CTAs of a kv head's split pool a share of the columns each) and mean(Q̂) [B, Hq, D] (split 0).
+// the CTAs of a kv head's split pool a share of the columns each; the Hopper kernel at D = 64
+// sums them on the tensor cores instead: rep_sm90_pools_k_mma) and mean(Q̂) [B, Hq, D] (split 0).
 //
 // This file: the portable (sm80+) kernel and the code it shares with the Hopper one
 // (rep_attention_sm90.cuh; rep_config picks). One CTA = `heads_per_cta` query heads of one

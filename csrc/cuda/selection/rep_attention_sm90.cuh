@@ -11,7 +11,8 @@
 // two CTAs per SM) up to D = 128 with m a multiple of 128; else 16 rows a warp (one CTA
 // per SM; Q̂ fragments in registers up to D = 128, by descriptor at D = 256). At D = 64 with
 // m = 128 the pass can also pool Q for step 5 (rep_sm90_pools_q), so that the query-aware
-// step needs no pass of its own over Q.
+// step needs no pass of its own over Q; at D = 64 it pools K on the tensor cores as well
+// (rep_sm90_pools_k_mma: Kᵀ x ones; no per-thread column sums or shared-memory partials).
 #pragma once
 
 #include <cuda.h>
