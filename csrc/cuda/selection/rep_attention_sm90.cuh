@@ -43,7 +43,7 @@ inline bool rep_sm90_ok(int D, int m, int heads_per_cta, int m16) {
   return m % (64 * m16) == 0 && threads >= 128 && threads <= max_threads && (threads / (D / 8)) % 8 == 0;
 }
 
-// pool(K) on the tensor cores (the K tile's 64 values x 64 keys times ones, one warpgroup)
+// pool(K) on the tensor cores (the K tile's 64 values x 64 keys times ones)
 // instead of the threads' column sums: the kernels of head dim 64 (one 128-byte atom a key).
 __host__ __device__ constexpr bool rep_sm90_pools_k_mma(int D) { return D == 64; }
 
