@@ -782,11 +782,10 @@ __global__ void assemble_kernel(const SelectParams p, const SelectPlan plan, con
     const uint32_t* qw = plan.any_query_aware ? qa + head * plan.qa_words : nullptr;
     int32_t* srow = stage[warp];
     // Slash bins of column c: distances [lo - c bs - bs + 1, hi - c bs] (clamped), i.e.
-    // bins [t0(c), t1(c)], both non-increasing in c, at most 3 per column.
-    auto bin_range = [&](int c, int& t0, int& t1) {
+    // bins [t0(c), t1(c)] (x, y), both non-increasing in c, at most 3 per column.
+    auto bin_range = [&](int c) {
       const int a = max(lo - c * bs - bs + 1, 0), e = min(hi - c * bs, Nk - 1);
-      t0 = a >> sh;
-      t1 = a <= e ? e >> sh : t0 - 1;
+      return make_int2(a >> sh, a <= e ? e >> sh : (a >> sh) - 1);
     };
     for (int c0 = 0; c0 <= chi; c0 += kAssembleChunk) {
       const int cb = c0 + lane * 8;  // this lane's first column (a multiple of 8)
@@ -797,17 +796,15 @@ __global__ void assemble_kernel(const SelectParams p, const SelectPlan plan, con
         const uint32_t qb = qw ? bits8_at(qw, plan.qa_words, static_cast<int64_t>(r) * NBk + cb) : 0u;
         // Every bin of the lane's columns lies in [t0(last), t1(cb)] (<= 11 bins: hi - lo <
         // bs): a 64-bit window of two words from t0(last)'s word holds them.
-        int tmin, unused;
-        bin_range(last, tmin, unused);
-        const int w0 = tmin >> 5;
+        const int w0 = bin_range(last).x >> 5;
         const uint32_t b_lo = __ldg(tw + w0);
         const uint32_t b_hi = w0 + 1 < plan.cols_words ? __ldg(tw + w0 + 1) : 0u;
         const unsigned long long win = (static_cast<unsigned long long>(b_hi) << 32) | b_lo;
 #pragma unroll
         for (int j = 0; j < 8; ++j) {
           const int c = cb + j;
-          int t0, t1;
-          bin_range(c, t0, t1);
+          const int2 t = bin_range(c);
+          const int t0 = t.x, t1 = t.y;
           bool bin = false;
           if (c <= last && t1 >= t0) {  // t0 >= t0(last), t1 <= t1(cb) <= t0(last) + 10
             const int s0 = t0 - w0 * 32, len = t1 - t0 + 1;  // so s0 >= 0 and s0 + len <= 42
@@ -816,7 +813,6 @@ __global__ void assemble_kernel(const SelectParams p, const SelectPlan plan, con
           const bool k = c <= chi && (c == 0 || c >= clo || ((colb >> j) & 1u) || ((qb >> j) & 1u) || bin);
           keep |= static_cast<uint32_t>(k) << j;
         }
-        (void)unused;
       }
       const int n = __popc(keep);
       int incl = n;  // inclusive warp scan of the lanes' counts
