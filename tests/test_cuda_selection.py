@@ -42,6 +42,10 @@ CASES = [
     # with two heads a CTA and, MHA, one; 133 * 133 > 16384: the multi-CTA selection
     (2, 3000, 3100, 8, 2, 64, 128, torch.bfloat16, True, 0.9, 0.3, 128, None),
     (1, 17000, 17000, 4, 4, 64, 128, torch.float16, True, 0.9, 0.5, 256, None),
+    # step 4 beside step 5 by one warp per score array (NBk <= 256, two CTAs of 32 warps):
+    # 96 arrays (each warp takes a second one) and NBk = 256 exactly (every lane's 8 items)
+    (3, 1200, 1200, 16, 4, 64, 64, torch.bfloat16, True, 0.9, 0.2, 128, None),
+    (1, 16384, 16384, 4, 4, 64, 64, torch.bfloat16, True, 0.9, 0.5, 256, None),
 ]
 
 

@@ -259,6 +259,124 @@ __global__ void __launch_bounds__(kSelectThreads) finish_kernel(const SelectPara
   }
 }
 
+// Step 4 alone (finish_kernel's (e), part kFinishSelect) for short score arrays (NBk <=
+// kWarpSelectMax): one warp per array (vertical columns or slash bins of a head) and only
+// kWarpSelectCtas CTAs in all, so that beside the query-aware estimate (one CTA per SM,
+// started at the same time on the other stream) it holds two SMs instead of one per head:
+// with one CTA per head, the estimate CTAs that found no free SM waited for it. The same
+// rule and result as rank_select: the warp sorts the value bits descending in registers
+// (bitonic network; lane l holds sorted positions 8 l .. 8 l + 7), sums them in that order
+// in the 62-bit fixed point for kg, reads the K-th value T and takes the items above T and
+// the first K - #{above T} items equal to T in index order (item 32 u + l is lane l's u-th;
+// bitmask word u is the warp's ballot over u). Zero pads sort last and add no mass.
+// grid kWarpSelectCtas (or fewer), 1024 threads.
+constexpr uint32_t kWarpSelectMax = 256;
+constexpr int kWarpSelectCtas = 2;
+constexpr int kWarpSelectThreads = 1024;
+
+// Sorts the 256 values v (lane l holds positions 8 l .. 8 l + 7) descending: bitonic merges
+// of runs k = 2 .. 256, partner distance j within a lane's registers (j < 8) or across
+// lanes (j >= 8: lane ^ j / 8, same register). A pair's lower position keeps the larger
+// value in runs that end descending (position & k == 0), the smaller one otherwise.
+__device__ __forceinline__ void warp_sort_desc_256(uint32_t (&v)[8], int lane) {
+#pragma unroll
+  for (int k = 2; k <= 256; k <<= 1) {
+#pragma unroll
+    for (int j = k >> 1; j > 0; j >>= 1) {
+      if (j >= 8) {
+        const int lj = j >> 3;
+        const bool desc = ((lane * 8) & k) == 0, lower = (lane & lj) == 0;
+#pragma unroll
+        for (int r = 0; r < 8; ++r) {
+          const uint32_t o = __shfl_xor_sync(0xffffffffu, v[r], lj);
+          v[r] = lower == desc ? max(v[r], o) : min(v[r], o);
+        }
+      } else {
+#pragma unroll
+        for (int r = 0; r < 8; ++r) {
+          if (r & j) continue;
+          const bool desc = k >= 8 ? ((lane * 8) & k) == 0 : (r & k) == 0;
+          const uint32_t hi = max(v[r], v[r | j]), lo = min(v[r], v[r | j]);
+          v[r] = desc ? hi : lo;
+          v[r | j] = desc ? lo : hi;
+        }
+      }
+    }
+  }
+}
+
+__global__ void __launch_bounds__(kWarpSelectThreads) select_warps_kernel(const SelectParams p,
+                                                                         const SelectPlan plan,
+                                                                         const SelectBuffers w) {
+  pdl_grid_sync();
+  constexpr int kPerLane = kWarpSelectMax / 32;
+  const int lane = threadIdx.x & 31;
+  const uint32_t n = static_cast<uint32_t>(p.num_k_blocks), kmin = static_cast<uint32_t>(plan.min_blocks),
+                 kmax = static_cast<uint32_t>(plan.max_blocks);
+  const int64_t arrays = 2 * p.batch * p.heads_q, warps = static_cast<int64_t>(gridDim.x) * (blockDim.x >> 5);
+  for (int64_t a = blockIdx.x * static_cast<int64_t>(blockDim.x >> 5) + (threadIdx.x >> 5); a < arrays; a += warps) {
+    const int64_t head = a >> 1;
+    const bool slash = a & 1;
+    const float* x = (slash ? w.slash : w.vert) + head * p.num_k_blocks;
+    uint32_t* words = (slash ? w.bins : w.cols) + head * plan.cols_words;
+    const bool use_gamma = !p.query_aware[head];
+    uint32_t bits[kPerLane], sorted[kPerLane];
+#pragma unroll
+    for (int u = 0; u < kPerLane; ++u) {
+      const uint32_t i = 32 * u + lane;
+      bits[u] = i < n ? item_bits(x[i]) : 0u;
+      sorted[u] = bits[u];  // (any placement: the network sorts it)
+    }
+    warp_sort_desc_256(sorted, lane);
+    uint32_t K = 0;
+    if (use_gamma) {  // kg = 1 + the first position where the running mass reaches gamma, else n
+      unsigned long long local = 0;
+#pragma unroll
+      for (int r = 0; r < kPerLane; ++r) local += to_fixed(sorted[r]);
+      unsigned long long scan = local;
+#pragma unroll
+      for (int o = 1; o < 32; o <<= 1) {
+        const unsigned long long v = __shfl_up_sync(0xffffffffu, scan, o);
+        if (lane >= o) scan += v;
+      }
+      unsigned long long cum = scan - local;
+      uint32_t kg = n;
+#pragma unroll
+      for (int r = 0; r < kPerLane; ++r) {
+        cum += to_fixed(sorted[r]);
+        if (kg == n && fixed_to_float(cum) >= p.gamma) kg = kPerLane * lane + r + 1;
+      }
+      K = __reduce_min_sync(0xffffffffu, kg);
+    }
+    if (K > kmax) K = kmax;
+    if (K < kmin) K = kmin;
+    if (K > n) K = n;
+    // T = the value at sorted position K - 1; take the items above it and the first
+    // K - above of those equal to it, in index order.
+    uint32_t t_own = 0;
+#pragma unroll
+    for (int r = 0; r < kPerLane; ++r)
+      if (K > 0 && kPerLane * lane + r == K - 1) t_own = sorted[r];
+    const uint32_t T = __shfl_sync(0xffffffffu, t_own, K > 0 ? static_cast<int>((K - 1) / kPerLane) : 0);
+    uint32_t above = 0;
+#pragma unroll
+    for (int r = 0; r < kPerLane; ++r) above += sorted[r] > T ? 1u : 0u;
+    above = __reduce_add_sync(0xffffffffu, above);
+    const uint32_t take = K - above;  // K > 0: at least one item equals T (K <= n)
+    uint32_t eq_before = 0;           // items equal to T at lower indices
+    const uint32_t lt_mask = (1u << lane) - 1u;
+#pragma unroll
+    for (int u = 0; u < kPerLane; ++u) {
+      const bool valid = 32u * u + lane < n;
+      const uint32_t eq = __ballot_sync(0xffffffffu, valid && bits[u] == T);
+      const bool sel = K > 0 && valid && (bits[u] > T || (bits[u] == T && eq_before + __popc(eq & lt_mask) < take));
+      const uint32_t word = __ballot_sync(0xffffffffu, sel);
+      eq_before += __popc(eq);
+      if (lane == 0 && 32u * u < n) words[u] = word;
+    }
+  }
+}
+
 // The query-aware heads of a wave run on the lowest CTA indices: CTA row y of a step-5 kernel
 // serves the wave's y-th query-aware head (heads in index order), so their CTAs spread over
 // the SMs first instead of sharing SMs with CTAs that exit at once. Returns that head's
@@ -861,13 +979,18 @@ cudaError_t launch_chained(void (*kernel)(KArgs...), dim3 grid, dim3 block, size
 }
 
 // part kFinishAll / kFinishDecide: the records kernel, then finish_kernel; kFinishSelect:
-// finish_kernel's step 4 alone.
+// step 4 alone (select_warps_kernel up to kWarpSelectMax key blocks, else finish_kernel).
 inline cudaError_t launch_finish(const SelectParams& p, const SelectPlan& plan, const SelectBuffers& w, int part,
                                  cudaStream_t s) {
   if (part != kFinishSelect) {
     const dim3 grid((p.num_k_blocks + kRecBlocks - 1) / kRecBlocks, p.batch * p.heads_q);
     const cudaError_t e = launch_chained(finish_records_kernel, grid, kRecThreads, 0, s, p, plan, w);
     if (e != cudaSuccess) return e;
+  }
+  if (part == kFinishSelect && p.num_k_blocks <= kWarpSelectMax) {
+    const int64_t ctas = (2 * p.batch * p.heads_q + kWarpSelectThreads / 32 - 1) / (kWarpSelectThreads / 32);
+    return launch_chained(select_warps_kernel, dim3(ctas < kWarpSelectCtas ? ctas : kWarpSelectCtas),
+                          kWarpSelectThreads, 0, s, p, plan, w);
   }
   return launch_chained(finish_kernel, dim3(p.batch * p.heads_q), kSelectThreads, 0, s, p, plan, w, part);
 }
