@@ -36,7 +36,7 @@ def main() -> None:
     ap.add_argument("--calls", type=int, default=40, help="timed calls per configuration")
     a = ap.parse_args()
     if a.calls < 4:
-        sys.exit("--calls must be >= 4")
+        ap.error(f"--calls must be >= 4, got {a.calls}")
     if not torch.cuda.is_available():
         sys.exit("ab_selection.py needs a CUDA GPU")
     cells = []

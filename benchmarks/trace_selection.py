@@ -35,7 +35,9 @@ def main() -> None:
     ap.add_argument("--calls", type=int, default=1, help="traced calls (one summary line each after the first)")
     a = ap.parse_args()
     if a.calls < 1:
-        sys.exit("--calls must be >= 1")
+        ap.error(f"--calls must be >= 1, got {a.calls}")
+    if a.seqlen < 1 or a.head_dim < 1:
+        ap.error(f"--seqlen and --head-dim must be positive, got {a.seqlen} and {a.head_dim}")
     if not torch.cuda.is_available():
         sys.exit("trace_selection.py needs a CUDA GPU")
     q, k, _ = inputs(a.seqlen, a.head_dim, structured=not a.gaussian)

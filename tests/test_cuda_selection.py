@@ -207,9 +207,6 @@ def test_long_rep_splits(monkeypatch, case, split):
         torch.testing.assert_close(lse[b, h].cpu(), rl, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(vert[b, h].cpu(), rv, rtol=1e-4, atol=1e-7)
         torch.testing.assert_close(slash[b, h].cpu(), rs, rtol=1e-4, atol=1e-7)
-    monkeypatch.setenv("FLEXPREFILL_TEST_REP_SPLIT", "300")
-    with pytest.raises(RuntimeError, match="FLEXPREFILL_TEST_REP_SPLIT must be a positive multiple of 256"):
-        flexprefill.select_blocks(q, k, **case_args(case))
 
 
 @pytest.mark.parametrize("n", [3000, 9000])
@@ -253,9 +250,22 @@ def test_query_aware_several_waves(monkeypatch, n, heads_per_wave):
     for name in ("kv_count", "kv_index", "query_aware"):
         assert torch.equal(getattr(waves, name), getattr(one, name)), (
             f"{name} differs with {heads_per_wave} heads a wave")
-    monkeypatch.setenv("FLEXPREFILL_TEST_QA_WAVE_BYTES", "lots")
-    with pytest.raises(RuntimeError, match="FLEXPREFILL_TEST_QA_WAVE_BYTES must be a positive byte count"):
-        flexprefill.select_blocks(q, k, **args)
+
+
+@pytest.mark.parametrize("name,value,message", [
+    ("FLEXPREFILL_TEST_REP_SPLIT", "300", "FLEXPREFILL_TEST_REP_SPLIT must be a positive multiple of 256 keys"),
+    ("FLEXPREFILL_TEST_REP_SPLIT", "0", "FLEXPREFILL_TEST_REP_SPLIT must be a positive multiple of 256 keys"),
+    ("FLEXPREFILL_TEST_REP_SPLIT", str(1 << 25), r"\(at most 16777216\), got '33554432'"),
+    ("FLEXPREFILL_TEST_QA_WAVE_BYTES", "lots", "FLEXPREFILL_TEST_QA_WAVE_BYTES must be a positive byte count"),
+    ("FLEXPREFILL_TEST_QA_WAVE_BYTES", "-5", "FLEXPREFILL_TEST_QA_WAVE_BYTES must be a positive byte count"),
+])
+def test_testing_hooks_reject_bad_values(monkeypatch, name, value, message):
+    """The testing hooks (unset in normal use) say what they take instead of running with a
+    value they cannot honour."""
+    q, k = make_qk(CASES[0])
+    monkeypatch.setenv(name, value)
+    with pytest.raises(RuntimeError, match=message):
+        flexprefill.select_blocks(q, k, **case_args(CASES[0]))
 
 
 def test_query_aware_gamma_near_one():
