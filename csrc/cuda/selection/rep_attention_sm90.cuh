@@ -54,16 +54,15 @@ __host__ __device__ constexpr bool rep_sm90_pools_q(int D, int m16) { return D =
 
 // Shared memory from the first 1024-byte boundary of the dynamic allocation (1 KB of slack):
 // the K ring (1024-byte aligned tiles), then Q̂ [atoms][hpc m rows][128 B] (swizzled), the
-// pooling partials (not with rep_sm90_pools_k_mma), the pool(Q) buffer [hpc][m rows][128 B] (rep_sm90_pools_q), 512 B of
-// ones (the B operand of the pooling wgmma: pool(Q) or rep_sm90_pools_k_mma) and the
-// mbarriers (the ring's, then pool(Q)'s).
+// pooling partials (none with rep_sm90_pools_k_mma), the pool(Q) buffer [hpc][m rows][128 B]
+// (rep_sm90_pools_q), 512 B of ones (the B operand of the pooling wgmma: pool(Q) or
+// rep_sm90_pools_k_mma) and the mbarriers (one per stage of the ring, then pool(Q)'s).
 __host__ __device__ inline RepSmem rep_sm90_smem_layout(int D, int m, int heads_per_cta, int m16) {
   RepSmem s;
   s.k_off = 0;
   s.q_off = rep_sm90_stages(D, m16) * kTileKeys * D * 2;
   s.pool_off = s.q_off + heads_per_cta * m * D * 2;
   const int max_threads = m16 == 2 ? RepSm90Shape<2>::kMaxThreads : RepSm90Shape<1>::kMaxThreads;
-  // (no pooling partials where the tensor cores pool K)
   s.bar_off = s.pool_off + (rep_sm90_pools_k_mma(D) ? 0 : 2 * rep_pool_part_floats(max_threads, D) * 4);
   const bool qbuf = rep_sm90_pools_q(D, m16) && m == 128;
   if (qbuf || rep_sm90_pools_k_mma(D)) {
