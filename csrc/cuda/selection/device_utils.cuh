@@ -21,6 +21,19 @@ __device__ __forceinline__ void pdl_grid_sync() {
 #endif
 }
 
+// The two halves of pdl_grid_sync, for a kernel that needs neither the previous grid's
+// results nor to hold the next one back (sm_90+; no-ops before).
+__device__ __forceinline__ void pdl_launch_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+
 // The two bf16 / fp16 values packed in w (low half first) as floats (exact).
 template <bool kBf16>
 __device__ __forceinline__ float2 unpack2(uint32_t w) {

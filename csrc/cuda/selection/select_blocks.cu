@@ -211,20 +211,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> select_blocks_cuda(const at::Tens
   // starts on it a few microseconds sooner.
   launch_rep_pass(p, plan, w, stream);
   allocate_outputs();
-  // With a query-aware step, the vertical-slash selection (step 4) runs on a side stream
-  // beside it: both need only the decision. Fork and join through events (capturable in a
+  // With a query-aware step, the vertical-slash selection (step 4) runs beside it: both need
+  // only the decision. Up to kWarpSelectMax key blocks it is a small kernel launched right
+  // after the first estimate (select_kernels.cuh: it starts once every estimate CTA has);
+  // beyond, finish_kernel on a side stream. Fork and join through events (capturable in a
   // CUDA graph); the workspace stays alive for the side stream's work because the main
   // stream waits for it before anything after this op can reuse the memory.
   const bool overlap = !plan.keep_all && plan.any_query_aware;
+  const bool select_warps = overlap && p.num_k_blocks <= selection::kWarpSelectMax;
   c10::optional<ForkJoinEvents> fj;
   if (overlap) {
     launch_finish_pass(p, plan, w, stream, selection::kFinishDecide);
-    const at::cuda::CUDAStream side = at::cuda::getStreamFromPool(false, q.device().index());
-    fj.emplace();
-    C10_CUDA_CHECK(cudaEventRecord(fj->fork, stream));
-    C10_CUDA_CHECK(cudaStreamWaitEvent(side, fj->fork, 0));
-    launch_finish_pass(p, plan, w, side, selection::kFinishSelect);
-    C10_CUDA_CHECK(cudaEventRecord(fj->join, side));
+    if (!select_warps) {
+      const at::cuda::CUDAStream side = at::cuda::getStreamFromPool(false, q.device().index());
+      fj.emplace();
+      C10_CUDA_CHECK(cudaEventRecord(fj->fork, stream));
+      C10_CUDA_CHECK(cudaStreamWaitEvent(side, fj->fork, 0));
+      launch_finish_pass(p, plan, w, side, selection::kFinishSelect);
+      C10_CUDA_CHECK(cudaEventRecord(fj->join, side));
+    }
   } else {
     launch_finish_pass(p, plan, w, stream);
   }
@@ -241,6 +246,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> select_blocks_cuda(const at::Tens
       }
       C10_CUDA_CHECK(selection::launch_qa_estimate(p, plan, w, head0, stream));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
+      if (select_warps && wave == 0) {
+        C10_CUDA_CHECK(selection::launch_select_warps(p, plan, w, stream));
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
       if (small) {  // one CTA per head; it also zeroes the words of the other heads
         C10_CUDA_CHECK(selection::launch_qa_select_small(p, plan, w, head0, stream));
         C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -254,7 +263,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> select_blocks_cuda(const at::Tens
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   }
-  if (overlap) C10_CUDA_CHECK(cudaStreamWaitEvent(stream, fj->join, 0));
+  if (fj) C10_CUDA_CHECK(cudaStreamWaitEvent(stream, fj->join, 0));
   C10_CUDA_CHECK(selection::launch_assemble(p, plan, &w, plan.keep_all, stream));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {kv_count, kv_index, query_aware};

@@ -259,17 +259,22 @@ __global__ void __launch_bounds__(kSelectThreads) finish_kernel(const SelectPara
   }
 }
 
-// Step 4 alone (finish_kernel's (e), part kFinishSelect) for short score arrays (NBk <=
-// kWarpSelectMax): one warp per array (vertical columns or slash bins of a head) and only
-// kWarpSelectCtas CTAs in all, so that beside the query-aware estimate (one CTA per SM,
-// started at the same time on the other stream) it holds two SMs instead of one per head:
-// with one CTA per head, the estimate CTAs that found no free SM waited for it. The same
-// rule and result as rank_select: the warp sorts the value bits descending in registers
-// (bitonic network; lane l holds sorted positions 8 l .. 8 l + 7), sums them in that order
-// in the 62-bit fixed point for kg, reads the K-th value T and takes the items above T and
-// the first K - #{above T} items equal to T in index order (item 32 u + l is lane l's u-th;
-// bitmask word u is the warp's ballot over u). Zero pads sort last and add no mass.
-// grid kWarpSelectCtas (or fewer), 1024 threads.
+// Step 4 (finish_kernel's (e)) for short score arrays (NBk <= kWarpSelectMax), beside step 5:
+// one warp per array (vertical columns or slash bins of a head), kWarpSelectCtas CTAs in all,
+// launched on the main stream right after the first query-aware estimate with programmatic
+// dependent launch. The estimate lets its dependents launch as soon as each of its CTAs has
+// started, so this kernel's CTAs are scheduled after every estimate CTA (one per SM) and take
+// SMs the estimate leaves free, instead of racing it for SMs as a side-stream kernel did (one
+// CTA per head there: ~28 estimate CTAs waited behind it in about half the calls). Its inputs
+// come from the decision kernel, complete before any estimate CTA passed its own wait; it
+// waits for the estimate only at its end, so that the kernels after it, which wait for it,
+// see the estimate complete too (without PDL, before sm_90, it simply runs after the
+// estimate). The same rule and result as rank_select: the warp sorts the value bits
+// descending in registers (bitonic network; lane l holds sorted positions 8 l .. 8 l + 7),
+// sums them in that order in the 62-bit fixed point for kg, reads the K-th value T and takes
+// the items above T and the first K - #{above T} items equal to T in index order (item
+// 32 u + l is lane l's u-th; bitmask word u is the warp's ballot over u). Zero pads sort last
+// and add no mass. grid kWarpSelectCtas (or fewer), 1024 threads.
 constexpr uint32_t kWarpSelectMax = 256;
 constexpr int kWarpSelectCtas = 2;
 constexpr int kWarpSelectThreads = 1024;
@@ -308,7 +313,7 @@ __device__ __forceinline__ void warp_sort_desc_256(uint32_t (&v)[8], int lane) {
 __global__ void __launch_bounds__(kWarpSelectThreads) select_warps_kernel(const SelectParams p,
                                                                          const SelectPlan plan,
                                                                          const SelectBuffers w) {
-  pdl_grid_sync();
+  pdl_launch_dependents();
   constexpr int kPerLane = kWarpSelectMax / 32;
   const int lane = threadIdx.x & 31;
   const uint32_t n = static_cast<uint32_t>(p.num_k_blocks), kmin = static_cast<uint32_t>(plan.min_blocks),
@@ -375,6 +380,7 @@ __global__ void __launch_bounds__(kWarpSelectThreads) select_warps_kernel(const 
       if (lane == 0 && 32u * u < n) words[u] = word;
     }
   }
+  pdl_wait();  // complete only after the estimate (see above)
 }
 
 // The query-aware heads of a wave run on the lowest CTA indices: CTA row y of a step-5 kernel
@@ -979,7 +985,7 @@ cudaError_t launch_chained(void (*kernel)(KArgs...), dim3 grid, dim3 block, size
 }
 
 // part kFinishAll / kFinishDecide: the records kernel, then finish_kernel; kFinishSelect:
-// step 4 alone (select_warps_kernel up to kWarpSelectMax key blocks, else finish_kernel).
+// finish_kernel's step 4 alone (beyond kWarpSelectMax key blocks: launch_select_warps below).
 inline cudaError_t launch_finish(const SelectParams& p, const SelectPlan& plan, const SelectBuffers& w, int part,
                                  cudaStream_t s) {
   if (part != kFinishSelect) {
@@ -987,12 +993,14 @@ inline cudaError_t launch_finish(const SelectParams& p, const SelectPlan& plan, 
     const cudaError_t e = launch_chained(finish_records_kernel, grid, kRecThreads, 0, s, p, plan, w);
     if (e != cudaSuccess) return e;
   }
-  if (part == kFinishSelect && p.num_k_blocks <= kWarpSelectMax) {
-    const int64_t ctas = (2 * p.batch * p.heads_q + kWarpSelectThreads / 32 - 1) / (kWarpSelectThreads / 32);
-    return launch_chained(select_warps_kernel, dim3(ctas < kWarpSelectCtas ? ctas : kWarpSelectCtas),
-                          kWarpSelectThreads, 0, s, p, plan, w);
-  }
   return launch_chained(finish_kernel, dim3(p.batch * p.heads_q), kSelectThreads, 0, s, p, plan, w, part);
+}
+// Step 4 up to kWarpSelectMax key blocks: right after the first qa_estimate launch, same stream.
+inline cudaError_t launch_select_warps(const SelectParams& p, const SelectPlan& plan, const SelectBuffers& w,
+                                       cudaStream_t s) {
+  const int64_t ctas = (2 * p.batch * p.heads_q + kWarpSelectThreads / 32 - 1) / (kWarpSelectThreads / 32);
+  return launch_chained(select_warps_kernel, dim3(ctas < kWarpSelectCtas ? ctas : kWarpSelectCtas),
+                        kWarpSelectThreads, 0, s, p, plan, w);
 }
 inline cudaError_t launch_qa_pool(const SelectParams& p, const SelectPlan& plan, const SelectBuffers& w, int64_t head0,
                                   cudaStream_t s) {
