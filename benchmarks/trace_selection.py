@@ -1,7 +1,7 @@
 """Trace one flexprefill.select_blocks call on the GPU: every kernel launch, in start order.
 
 Name, duration and start time (torch profiler), on the structured inputs of
-bench_selection.py. Shows which kernels overlap (the side-stream step 4, and on sm_90+ each
+bench_selection.py. Shows which kernels overlap (step 4 beside step 5, and on sm_90+ each
 kernel's start while its predecessor drains: programmatic dependent launch, so a duration
 includes that wait) and where the time goes at one length and head dim;
 bench_selection.py --profile gives the per-kernel totals. With --calls N, N calls are

@@ -341,11 +341,16 @@ def test_cuda_graph_and_determinism():
         assert_same_selection(again, eager, "eager run twice")
 
 
-def test_busy_user_stream():
-    """The op runs step 4 on a side stream forked from the caller's stream and joined back.
-    Called on a user stream that is still busy (a long sleep queued before the inputs are
-    written), every kernel must wait for that stream: the result equals an idle-stream call."""
-    case = (1, 2048, 2048, 16, 4, 128, 128, torch.bfloat16, True, 0.9, 0.1, 256, None)  # both patterns
+@pytest.mark.parametrize("case", [
+    (1, 2048, 2048, 16, 4, 128, 128, torch.bfloat16, True, 0.9, 0.1, 256, None),  # NBk 16: select_warps_kernel
+    (1, 16448, 16448, 16, 4, 64, 64, torch.bfloat16, True, 0.9, 0.1, 256, None),  # NBk 257: side stream
+], ids=["step4-after-estimate", "step4-side-stream"])
+def test_busy_user_stream(case):
+    """Step 4 runs beside step 5: up to 256 key blocks on the caller's stream after the first
+    estimate (programmatic dependent launch), beyond on a side stream forked from the caller's
+    stream and joined back. Called on a user stream that is still busy (a long sleep queued
+    before the inputs are written), every kernel must wait for that stream: the result equals
+    an idle-stream call."""
     args = case_args(case)
     q, k = make_qk(case)
     want = flexprefill.select_blocks(q, k, **args)

@@ -185,7 +185,7 @@ inline SelectPlan make_select_plan(const SelectParams& p, double gamma, double t
   plan.off_cols = take(sizeof(uint32_t) * BH * plan.cols_words);
   plan.off_bins = take(sizeof(uint32_t) * BH * plan.cols_words);
   plan.off_qa = take(plan.any_query_aware ? sizeof(uint32_t) * BH * plan.qa_words : 0);
-  plan.off_slash = take(sizeof(float) * BH * NBk);  // read by step 4 beside step 5 (side stream)
+  plan.off_slash = take(sizeof(float) * BH * NBk);  // read by step 4 beside step 5
   if (plan.rep_pools_q) {  // written in phase 1 (heads_per_wave = BH)
     plan.off_poolq = take(sizeof(float) * BH * NBq * D);
     plan.off_radix = take(kRadixStateBytes * BH);
