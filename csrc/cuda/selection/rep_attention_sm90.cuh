@@ -74,6 +74,31 @@ __host__ __device__ inline RepSmem rep_sm90_smem_layout(int D, int m, int heads_
   return s;
 }
 
+// Column sums on the tensor cores (pool(K) and pool(Q)): acc (+)= Tᵀ x ones over kSteps k16
+// steps of T, 16 rows of 128 B (64 values, swizzled) a step from shared address t_addr, the
+// ones [16 x 8] at ones_addr; accumulates onto acc from the first step when `accumulate`.
+// Every column of the m64n8 result holds the same sums: values 16 (warp % 4) + g and + 8 in
+// acc[0] and acc[2]. Issued and committed as one wgmma group.
+template <typename Element, int kSteps>
+__device__ __forceinline__ void rep_sm90_colsum(float (&acc)[4], uint32_t t_addr, uint32_t ones_addr,
+                                                bool accumulate) {
+  const uint32_t desc_t = sm90::desc_sw128_lo(t_addr);
+  const uint64_t desc_ones = sm90::desc_plain(ones_addr, 128, 256);
+#pragma unroll
+  for (int s = 0; s < kSteps; ++s)
+    sm90::Wgmma64x8<Element>::ss_ta(acc, sm90::desc_sw128_of(desc_t + s * (2048 >> 4)), desc_ones,
+                                    accumulate || s > 0);
+  sm90::wgmma_commit();
+}
+
+// The mean of a pooled block: row [64] fp32 gets this thread's two sums of rep_sm90_colsum
+// divided by the block's `count` rows (threads with t4 = 0 of the warpgroup's four warps).
+__device__ __forceinline__ void rep_sm90_store_colsum(float* row, const float (&acc)[4], float count, int warp,
+                                                      int g) {
+  row[16 * (warp & 3) + g] = acc[0] / count;
+  row[16 * (warp & 3) + g + 8] = acc[2] / count;
+}
+
 template <bool kBf16, int kD, int kM16>
 __global__ void __launch_bounds__(RepSm90Shape<kM16>::kMaxThreads, RepSm90Shape<kM16>::kCtasPerSm)
     rep_kernel_sm90(const RepParams p, const __grid_constant__ CUtensorMap tmap_k,
@@ -276,27 +301,15 @@ __global__ void __launch_bounds__(RepSm90Shape<kM16>::kMaxThreads, RepSm90Shape<
       }
     }
     sm90::wgmma_commit();  // (its own group: the last score wgmma carries the commit)
-    if (pool_k_mma) {  // pool(K): Kᵀ [64 values x 16 keys] x ones [16 x 8] per k16 step
-      const uint32_t desc_t = sm90::desc_sw128_lo(ks_addr + buf * kTileBytes);
-      const uint64_t desc_ones = sm90::desc_plain(ones_addr, 128, 256);
-#pragma unroll
-      for (int s = 0; s < kTileKeys / 16; ++s)
-        sm90::Wgmma64x8<Element>::ss_ta(kacc, sm90::desc_sw128_of(desc_t + s * (2048 >> 4)), desc_ones,
-                                        !(tl.first_in_block && s == 0));
-      sm90::wgmma_commit();
-    }
+    if (pool_k_mma)  // pool(K): Kᵀ [64 values x 16 keys] x ones [16 x 8] per k16 step
+      rep_sm90_colsum<Element, kTileKeys / 16>(kacc, ks_addr + buf * kTileBytes, ones_addr, !tl.first_in_block);
     // pool(Q) at tile 2j + 1 (or the split's last); stored before the softmax sums.
     float pacc[4];
     const int qj = tile >> 1;
     const bool pool_now = kPoolQ && qj < nqb && tile == min(2 * qj + 1, ntile - 1);  // (uniform)
     if (pool_now) {
       sm90::mbar_wait(qbar, qj & 1);
-      const uint32_t desc_p = sm90::desc_sw128_lo(qp_addr + wg * (m * 128));
-      const uint64_t desc_ones = sm90::desc_plain(ones_addr, 128, 256);
-#pragma unroll
-      for (int s = 0; s < 8; ++s)
-        sm90::Wgmma64x8<Element>::ss_ta(pacc, sm90::desc_sw128_of(desc_p + s * (2048 >> 4)), desc_ones, s > 0);
-      sm90::wgmma_commit();
+      rep_sm90_colsum<Element, 8>(pacc, qp_addr + wg * (m * 128), ones_addr, false);
     }
     // pool(K) while the tensor cores run (plain shared loads of the swizzled tile).
     if (pool.pools) {
@@ -314,23 +327,16 @@ __global__ void __launch_bounds__(RepSm90Shape<kM16>::kMaxThreads, RepSm90Shape<
     for (int mt = 0; mt < kM16; ++mt) sm90::fence_operands(acc[mt]);
     if (pool_k_mma && tl.last_in_block) {
       sm90::fence_operands(kacc);
-      if (warp < 4 && t4 == 0) {  // kacc[0], kacc[2]: values 16 (warp % 4) + g and + 8 of block c
-        const float count = static_cast<float>(min(bs, p.seqlen_k - c * bs));
-        float* out = p.pool_k + ((static_cast<int64_t>(b) * p.heads_kv + hk) * p.num_k_blocks + c) * kD +
-                     16 * (warp & 3) + g;
-        out[0] = kacc[0] / count;
-        out[8] = kacc[2] / count;
-      }
+      if (warp < 4 && t4 == 0)  // block c of the kv head
+        rep_sm90_store_colsum(p.pool_k + ((static_cast<int64_t>(b) * p.heads_kv + hk) * p.num_k_blocks + c) * kD,
+                              kacc, static_cast<float>(min(bs, p.seqlen_k - c * bs)), warp, g);
     }
     if (pool_now) {
       sm90::fence_operands(pacc);
-      if (t4 == 0) {  // pacc[0], pacc[2]: values 16 (warp % 4) + g and + 8 of the head's block
+      if (t4 == 0) {  // block qb of the warp's head
         const int qb = qb0 + qj;
-        const float count = static_cast<float>(min(bs, p.seqlen_q - qb * bs));
-        float* out = p.poolq + ((static_cast<int64_t>(b) * p.heads_q + h) * p.num_q_blocks + qb) * kD +
-                     16 * (warp & 3) + g;
-        out[0] = pacc[0] / count;
-        out[8] = pacc[2] / count;
+        rep_sm90_store_colsum(p.poolq + ((static_cast<int64_t>(b) * p.heads_q + h) * p.num_q_blocks + qb) * kD,
+                              pacc, static_cast<float>(min(bs, p.seqlen_q - qb * bs)), warp, g);
       }
     }
     rep_tile_sums<kM16>(acc, st, tl, P0 + row0, p.scale_log2, rec_head, c, m, g, t4);
