@@ -178,6 +178,31 @@ __device__ __forceinline__ float rep_quad_scatter(const float (&v)[kSlots], int 
   }
 }
 
+// The sums of a tile that the diagonal crosses, slot by slot (branches outside the slot loop:
+// the rows' chains interleave): per key parity x the running sum t2[x] over n; the H keys of
+// parity x are its first terms (in_h(s, n, x): key 8 n + x is in slot s's H), so H is the
+// running sum at the last of them (h2[x] keeps it: one select instead of a second sum).
+// L = T - H: exact up to one rounding of T (H is a prefix of T's terms, so 0 <= H <= T also
+// in floating point), which is negligible against the row's mass.
+template <int kM16, typename InH>
+__device__ __forceinline__ void rep_mixed_sums(const float (&acc)[kM16][8][4], float scale_log2,
+                                               const float (&neg_ref)[2 * kM16], InH in_h, float (&t_h)[2 * kM16],
+                                               float (&t_l)[2 * kM16]) {
+#pragma unroll
+  for (int s = 0; s < 2 * kM16; ++s) {
+    float h2[2] = {0.f, 0.f}, t2[2] = {0.f, 0.f};
+#pragma unroll
+    for (int n = 0; n < 8; ++n)
+#pragma unroll
+      for (int x = 0; x < 2; ++x) {
+        t2[x] += fast_exp2(fmaf(acc[s >> 1][n][2 * (s & 1) + x], scale_log2, neg_ref[s]));
+        h2[x] = in_h(s, n, x) ? t2[x] : h2[x];
+      }
+    t_h[s] = h2[0] + h2[1];
+    t_l[s] = fmaxf((t2[0] + t2[1]) - t_h[s], 0.f);
+  }
+}
+
 // The softmax sums of one 64-key tile from the scores of kM16 m16 row tiles of a warp:
 // acc[mt][n][2 hf + x] is row slot s = 2 mt + hf (row row0 + 8 s + g), key kt + 8 n + 2 t4 + x.
 // Updates the rows' references and sums; at the end of key block c stores the block's
@@ -243,38 +268,11 @@ __device__ __forceinline__ void rep_tile_sums(float (&acc)[kM16][8][4], RepRows<
   if (mixed && st.straight) {
     // lim[s] = lim[0] + 8 s: key 8 n + x is in slot s's H iff 8 (n - s) + x <= lim[0], one
     // compare per diagonal offset n - s shared by the slots (22 instead of 64 per thread).
-#pragma unroll
-    for (int s = 0; s < kSlots; ++s) {
-      float h2[2] = {0.f, 0.f}, t2[2] = {0.f, 0.f};
-#pragma unroll
-      for (int n = 0; n < 8; ++n)
-#pragma unroll
-        for (int x = 0; x < 2; ++x) {
-          t2[x] += fast_exp2(fmaf(acc[s >> 1][n][2 * (s & 1) + x], scale_log2, neg_ref[s]));
-          h2[x] = 8 * (n - s) + x <= lim[0] ? t2[x] : h2[x];
-        }
-      t_h[s] = h2[0] + h2[1];
-      t_l[s] = fmaxf((t2[0] + t2[1]) - t_h[s], 0.f);
-    }
-  } else if (mixed) {  // (branches outside the slot loop: the rows' chains interleave)
-#pragma unroll
-    for (int s = 0; s < kSlots; ++s) {
-      // Per key parity x the running sum t2[x] over n; the H keys of parity x are its first
-      // terms (8 n + x <= lim), so H is the running sum at the last of them (h2[x] keeps
-      // it: one select instead of a second sum). L = T - H: exact up to one rounding of T
-      // (H is a prefix of T's terms, so 0 <= H <= T also in floating point), which is
-      // negligible against the row's mass.
-      float h2[2] = {0.f, 0.f}, t2[2] = {0.f, 0.f};
-#pragma unroll
-      for (int n = 0; n < 8; ++n)
-#pragma unroll
-        for (int x = 0; x < 2; ++x) {
-          t2[x] += fast_exp2(fmaf(acc[s >> 1][n][2 * (s & 1) + x], scale_log2, neg_ref[s]));
-          h2[x] = 8 * n + x <= lim[s] ? t2[x] : h2[x];
-        }
-      t_h[s] = h2[0] + h2[1];
-      t_l[s] = fmaxf((t2[0] + t2[1]) - t_h[s], 0.f);
-    }
+    rep_mixed_sums<kM16>(acc, scale_log2, neg_ref, [&](int s, int n, int x) { return 8 * (n - s) + x <= lim[0]; },
+                         t_h, t_l);
+  } else if (mixed) {
+    rep_mixed_sums<kM16>(acc, scale_log2, neg_ref, [&](int s, int n, int x) { return 8 * n + x <= lim[s]; }, t_h,
+                         t_l);
   } else {
 #pragma unroll
     for (int s = 0; s < kSlots; ++s) {
