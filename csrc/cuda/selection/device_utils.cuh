@@ -10,28 +10,25 @@
 namespace flexprefill {
 namespace selection {
 
-// Programmatic dependent launch (sm_90+; a no-op before): wait until the grids this one
-// depends on have completed and their memory is visible, then let the next grid in the
-// stream be scheduled (it waits in turn). First statement of every kernel launched with
-// launch_chained, before any global memory access.
-__device__ __forceinline__ void pdl_grid_sync() {
+// Programmatic dependent launch (sm_90+; no-ops before). pdl_wait: wait until the grids
+// this one depends on have completed and their memory is visible. pdl_launch_dependents: let
+// the next grid in the stream be scheduled (it waits in turn).
+__device__ __forceinline__ void pdl_wait() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.wait;\n" ::: "memory");
-  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
 #endif
 }
-
-// The two halves of pdl_grid_sync, for a kernel that needs neither the previous grid's
-// results nor to hold the next one back (sm_90+; no-ops before).
 __device__ __forceinline__ void pdl_launch_dependents() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
 #endif
 }
-__device__ __forceinline__ void pdl_wait() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.wait;\n" ::: "memory");
-#endif
+// Both, in that order: the first statement of every kernel launched with launch_chained,
+// before any global memory access (select_warps_kernel alone uses the halves apart: it needs
+// neither the previous grid's results nor to hold the next one back).
+__device__ __forceinline__ void pdl_grid_sync() {
+  pdl_wait();
+  pdl_launch_dependents();
 }
 
 // The two bf16 / fp16 values packed in w (low half first) as floats (exact).

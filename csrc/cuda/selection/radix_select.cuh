@@ -269,6 +269,13 @@ __device__ inline Threshold radix_threshold(const float* x, uint32_t n, bool by_
   return th;
 }
 
+// The rule's count: K = max(kmin, min(kg, kmax)) clipped to n (kg = 0 without the gamma rule).
+__device__ __forceinline__ uint32_t budget_count(uint32_t kg, uint32_t kmin, uint32_t kmax, uint32_t n) {
+  uint32_t K = kg < kmax ? kg : kmax;
+  if (K < kmin) K = kmin;
+  return K > n ? n : K;
+}
+
 // Writes the bitmask words[begin / 32, ceil(n / 32)) of the selection (begin a multiple of
 // 32): items above the threshold, and the first `take` items equal to it in index order,
 // `seen` of which lie before `begin`. mode: 0 none, 1 all, 2 threshold.
@@ -328,9 +335,7 @@ __device__ inline void select_top(const float* x, uint32_t n, bool use_gamma, fl
     th = radix_threshold(x, n, true, gamma, 0, sm);
     kg = th.found ? th.above_cnt + th.take : n;
   }
-  uint32_t K = kg < kmax ? kg : kmax;
-  if (K < kmin) K = kmin;
-  if (K > n) K = n;
+  const uint32_t K = budget_count(kg, kmin, kmax, n);
   if (K == 0) {
     radix_mark(x, n, 0, th, words, sm);
     return;
@@ -421,9 +426,7 @@ __device__ inline void rank_select(const float* x, uint32_t n, bool use_gamma, f
     __syncthreads();
   }
   const uint32_t kg = use_gamma ? sm.kg : 0u;
-  uint32_t K = kg < kmax ? kg : kmax;
-  if (K < kmin) K = kmin;
-  if (K > n) K = n;
+  const uint32_t K = budget_count(kg, kmin, kmax, n);
   const uint32_t n_round = (n + 31) / 32 * 32;
   for (uint32_t i = tid; i < n_round; i += nthreads) {
     const bool sel = i < n && sm.rank[i] < K;

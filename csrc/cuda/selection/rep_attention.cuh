@@ -424,13 +424,14 @@ struct RepKPool {
       if (!pair_ok[j]) continue;
       const unsigned char* a = addr(pair_begin + pr0 + j * nthreads) + kph * row_bytes;
       const int step = nph * row_bytes;
+      auto add = [&](const unsigned char* key) {  // the pair's two values of one key
+        const float2 v = unpack2<kBf16>(*reinterpret_cast<const uint32_t*>(key));
+        acc[j].x += v.x;
+        acc[j].y += v.y;
+      };
       auto keys = [&](auto n_keys) {  // n_keys keys a thread, unrolled
 #pragma unroll
-        for (int i = 0; i < decltype(n_keys)::value; ++i) {
-          const float2 v = unpack2<kBf16>(*reinterpret_cast<const uint32_t*>(a + i * step));
-          acc[j].x += v.x;
-          acc[j].y += v.y;
-        }
+        for (int i = 0; i < decltype(n_keys)::value; ++i) add(a + i * step);
       };
       if (nph == kTileKeys / 4) {  // (the usual shapes: 4 or 8 keys a thread)
         keys(std::integral_constant<int, 4>{});
@@ -438,11 +439,7 @@ struct RepKPool {
         keys(std::integral_constant<int, 8>{});
       } else {
 #pragma unroll 4
-        for (int r = kph; r < kTileKeys; r += nph, a += step) {
-          const float2 v = unpack2<kBf16>(*reinterpret_cast<const uint32_t*>(a));
-          acc[j].x += v.x;
-          acc[j].y += v.y;
-        }
+        for (int r = kph; r < kTileKeys; r += nph, a += step) add(a);
       }
     }
   }

@@ -333,7 +333,7 @@ __global__ void __launch_bounds__(kWarpSelectThreads) select_warps_kernel(const 
       sorted[u] = bits[u];  // (any placement: the network sorts it)
     }
     warp_sort_desc_256(sorted, lane);
-    uint32_t K = 0;
+    uint32_t kg = 0;  // (0: no gamma rule)
     if (use_gamma) {  // kg = 1 + the first position where the running mass reaches gamma, else n
       unsigned long long local = 0;
 #pragma unroll
@@ -345,17 +345,15 @@ __global__ void __launch_bounds__(kWarpSelectThreads) select_warps_kernel(const 
         if (lane >= o) scan += v;
       }
       unsigned long long cum = scan - local;
-      uint32_t kg = n;
+      uint32_t own = n;
 #pragma unroll
       for (int r = 0; r < kPerLane; ++r) {
         cum += to_fixed(sorted[r]);
-        if (kg == n && fixed_to_float(cum) >= p.gamma) kg = kPerLane * lane + r + 1;
+        if (own == n && fixed_to_float(cum) >= p.gamma) own = kPerLane * lane + r + 1;
       }
-      K = __reduce_min_sync(0xffffffffu, kg);
+      kg = __reduce_min_sync(0xffffffffu, own);
     }
-    if (K > kmax) K = kmax;
-    if (K < kmin) K = kmin;
-    if (K > n) K = n;
+    const uint32_t K = budget_count(kg, kmin, kmax, n);
     // T = the value at sorted position K - 1; take the items above it and the first
     // K - above of those equal to it, in index order.
     uint32_t t_own = 0;
